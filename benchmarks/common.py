@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: timing, the machine's measured matmul peak, and model FLOPs per token."""
+"""Shared benchmark helpers: timing, plus the MFU halves from `v4jax.flops` (re-exported)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 
-from v4jax.config import ModelConfig
-from v4jax.params import param_counts
+from v4jax.flops import attention_flops_per_token, matmul_peak_flops, train_flops_per_token
+
+__all__ = ["attention_flops_per_token", "best_time", "matmul_peak_flops", "train_flops_per_token"]
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
@@ -22,43 +22,3 @@ def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> fl
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def matmul_peak_flops(dtype=jnp.float32, size: int = 2048) -> float:
-    """Measured FLOP/s of a jitted square matmul of `size` in `dtype` (the machine's practical peak)."""
-    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    return 2 * size**3 / best_time(lambda: f(a, b), repeats=5)
-
-
-def train_flops_per_token(cfg: ModelConfig, length: int) -> float:
-    """Model FLOPs of one training token (forward + backward = 3x forward), MTP excluded.
-
-    Weight matmuls: 2 FLOPs per active weight (the embedding lookup is not a matmul). Attention: scores and
-    values over the keys a token attends to on average, 2·N·(score dim + value dim) per key per layer.
-    """
-    _, active = param_counts(cfg)
-    matmul_params = active - cfg.vocab_size * cfg.hidden_size
-    return 3 * (2 * matmul_params + attention_flops_per_token(cfg, length))
-
-
-def attention_flops_per_token(cfg: ModelConfig, length: int) -> float:
-    """Forward attention FLOPs per token, averaged over a causal sequence of `length` tokens.
-
-    MLA: T/2 keys of qk_head_dim scores and v_head_dim values. V4: the window (≤ W keys) plus, for CSA, the
-    indexer's top-k of the T/(2·4) visible entries and, for HCA, all T/(2·128) visible entries; key = value
-    width head_dim.
-    """
-    n = cfg.num_attention_heads
-    if not cfg.is_v4:
-        return 2 * n * (cfg.qk_head_dim + cfg.v_head_dim) * length / 2 * cfg.num_hidden_layers
-    total = 0.0
-    for layer_type in cfg.layer_types:
-        keys = min(cfg.sliding_window, length / 2)
-        if layer_type == "compressed_sparse_attention":
-            keys += min(cfg.index_topk, length / 2 / cfg.compress_rate_csa)
-        elif layer_type == "heavily_compressed_attention":
-            keys += length / 2 / cfg.compress_rate_hca
-        total += 2 * n * 2 * cfg.head_dim * keys
-    return total

@@ -23,8 +23,9 @@ MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v4")
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 RESIDUAL_MODES = ("none", "hc", "mhc")
 SCORING_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
-MOE_IMPLS = ("auto", "ragged", "capacity")
+MOE_IMPLS = ("auto", "ragged", "capacity", "sorted")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+INDEXER_STAGES = ("dense_warmup", "sparse")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -122,6 +123,11 @@ class ModelConfig:
     moe_impl: str = "auto"
     capacity_factor: float | None = None  # None: dropless capacity (X = tokens per shard); see moe_dispatch
     remat_policy: str = "none"
+    # --- training stage of the DSA / CSA lightning indexer (V3.2 report §2.1): None (inference, no indexer
+    # loss), 'dense_warmup' (dense attention; the indexer learns the attention distribution by a KL loss) or
+    # 'sparse' (top-k attention; KL over the selected keys). In both stages the indexer's inputs and the
+    # target are detached, so the KL trains only the indexer. See `v4jax.layers.dsa.indexer_kl`.
+    indexer_training: str | None = None
 
     def __post_init__(self):
         _validate(self)
@@ -167,6 +173,27 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with `changes` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    # ---------------------------------------------------------------- plain-dict form (run directories)
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-ready values (tuples become lists, YaRN scalings dicts)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; unknown keys are an error that names them."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise ValueError(f"ModelConfig has no field(s) {unknown}")
+        values = dict(raw)
+        for name in ("rope_scaling", "compress_rope_scaling"):
+            if isinstance(values.get(name), Mapping):
+                values[name] = YarnScaling(**values[name])
+        for name, value in values.items():
+            if isinstance(value, list):
+                values[name] = tuple(value)
+        return cls(**values)
 
     # ---------------------------------------------------------------- HF interop
     @classmethod
@@ -311,6 +338,15 @@ def _validate(cfg: ModelConfig) -> None:
             raise ValueError(f"ModelConfig.{name}={getattr(cfg, name)!r} is not one of {allowed}")
     if cfg.capacity_factor is not None and not cfg.capacity_factor > 0:
         raise ValueError(f"ModelConfig.capacity_factor must be > 0, got {cfg.capacity_factor}")
+    if cfg.indexer_training is not None:
+        if cfg.indexer_training not in INDEXER_STAGES:
+            raise ValueError(
+                f"ModelConfig.indexer_training={cfg.indexer_training!r} is not one of {INDEXER_STAGES} or None"
+            )
+        if not cfg.index_n_heads:
+            raise ValueError(
+                f"ModelConfig.indexer_training={cfg.indexer_training!r} needs an indexer (index_n_heads > 0)"
+            )
 
 
 def _validate_v4(cfg: ModelConfig) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
@@ -34,7 +35,7 @@ from v4jax.config import ModelConfig
 from v4jax.layers.attention_mla import MLA
 from v4jax.layers.attention_v4 import AttentionV4
 from v4jax.layers.linear import Embed, Projection, RMSNorm
-from v4jax.layers.mhc import HyperConnection, HyperHead, expand_streams
+from v4jax.layers.mhc import INTERMEDIATES, HyperConnection, HyperHead, composite_gain, expand_streams
 from v4jax.layers.mlp import MLP
 from v4jax.layers.moe import CONSTANTS, MoE
 from v4jax.layers.rope import default_positions
@@ -121,19 +122,26 @@ class DecoderLayer(nn.Module):
     def __call__(
         self, streams: jax.Array, positions: jax.Array, token_ids: jax.Array | None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """streams [B,T,R,D], positions [B,T], token_ids [B,T] (hash-routed layers) -> (streams, aux)."""
+        """streams [B,T,R,D], positions [B,T], token_ids [B,T] (hash-routed layers) -> (streams, aux).
+
+        aux: the MoE's `expert_load` [E] and `balance_loss` [] (MoE layers), and the indexer's mean KL
+        `indexer_kl` [] (layers with an indexer, in indexer training).
+        """
         c = self.cfg
         chex.assert_rank(streams, 4)
         hc_attn, hc_ffn = HyperConnection(c, name="hc_attn"), HyperConnection(c, name="hc_ffn")
         x_in, post, comb = hc_attn.pre(streams)
         attn = MLA(c, name="attn") if self.kind.attention == "mla" else AttentionV4(c, self.kind.attention, name="attn")
-        streams = hc_attn.post(attn(RMSNorm(c, c.hidden_size, name="attn_norm")(x_in), positions), streams, post, comb)
+        out, indexer_kl = attn.attend(RMSNorm(c, c.hidden_size, name="attn_norm")(x_in), positions)
+        streams = hc_attn.post(out, streams, post, comb)
         x_in, post, comb = hc_ffn.pre(streams)
         h = RMSNorm(c, c.hidden_size, name="ffn_norm")(x_in)
         if self.kind.ffn == "dense":
             y, aux = MLP(c, c.intermediate_size, name="ffn")(h), {}
         else:
             y, aux = MoE(c, hash_routed=self.kind.ffn == "hash_moe", name="ffn")(h, token_ids)
+        if indexer_kl is not None:
+            aux = {**aux, "indexer_kl": jnp.mean(indexer_kl)}
         return hc_ffn.post(y, streams, post, comb), aux
 
 
@@ -162,7 +170,7 @@ def scanned_group(cfg: ModelConfig, group: LayerGroup) -> nn.Module:
         block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     scanned = nn.scan(
         block,
-        variable_axes={"params": 0, CONSTANTS: 0},
+        variable_axes={"params": 0, CONSTANTS: 0, INTERMEDIATES: 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=group.repeats,
@@ -172,18 +180,16 @@ def scanned_group(cfg: ModelConfig, group: LayerGroup) -> nn.Module:
 
 
 def _per_layer_aux(groups: list[LayerGroup], outputs: list[Any]) -> dict[str, jax.Array]:
-    """Stack the MoE aux of every MoE layer in layer order: {'expert_load': [L_moe, E], 'balance_loss': [L_moe]}."""
-    rows: list[tuple[int, dict[str, jax.Array]]] = []
+    """Stack each aux value over the layers that report it, in layer order: {'expert_load': [L_moe, E],
+    'balance_loss': [L_moe]} from MoE layers, {'indexer_kl': [L_indexer]} from layers with an indexer."""
+    rows: dict[str, list[tuple[int, jax.Array]]] = {}
     for group, out in zip(groups, outputs, strict=True):
         per_position = (out,) if len(group.period) == 1 else out
         for j, aux in enumerate(per_position):
-            for r in range(group.repeats):
-                if aux:
-                    rows.append((group.start + r * len(group.period) + j, jax.tree.map(lambda a, r=r: a[r], aux)))
-    if not rows:
-        return {}
-    rows.sort(key=lambda row: row[0])
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *[aux for _, aux in rows])
+            for name, value in aux.items():
+                for r in range(group.repeats):
+                    rows.setdefault(name, []).append((group.start + r * len(group.period) + j, value[r]))
+    return {name: jnp.stack([v for _, v in sorted(values, key=lambda row: row[0])]) for name, values in rows.items()}
 
 
 class MTPModule(nn.Module):
@@ -236,8 +242,8 @@ class Transformer(nn.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Run the decoder on embeddings [B,T,D] at positions [B,T] -> (streams [B,T,R,D] before the head, aux).
 
-        token_ids [B,T] are needed by hash-routed MoE layers. aux: the MoE layers' values stacked in layer
-        order (`expert_load` [L_moe, E], `balance_loss` [L_moe]).
+        token_ids [B,T] are needed by hash-routed MoE layers. aux: the layers' values stacked in layer order
+        (`expert_load` [L_moe, E], `balance_loss` [L_moe]; `indexer_kl` [L_indexer] in indexer training).
         """
         c = self.cfg
         chex.assert_shape(embeds, (None, None, c.hidden_size))
@@ -256,7 +262,10 @@ class Transformer(nn.Module):
     def __call__(
         self, tokens: jax.Array, positions: jax.Array | None = None, *, with_mtp: bool = True
     ) -> tuple[jax.Array, list[jax.Array], dict[str, Any]]:
-        """tokens [B,T] -> (logits f32 [B,T,V], [mtp logits f32 [B,T,V] per module], aux)."""
+        """tokens [B,T] -> (logits f32 [B,T,V], [mtp logits f32 [B,T,V] per module], aux).
+
+        aux: {'layers': the decoder's per-layer values (see `decode`), 'mtp': [each MTP block's aux]}.
+        """
         b, t = tokens.shape
         positions = default_positions(b, t) if positions is None else positions
         streams, aux = self.decode(self.embed(tokens), positions, tokens)
@@ -268,7 +277,34 @@ class Transformer(nn.Module):
                 streams, normed, m_aux = module(streams, self.embed(next_tokens), positions, next_tokens)
                 mtp_logits.append(self.head("BTD,DV->BTV", normed).astype(jnp.float32))
                 mtp_aux.append(m_aux)
-        return logits, mtp_logits, {"moe": aux, "mtp": mtp_aux}
+        return logits, mtp_logits, {"layers": aux, "mtp": mtp_aux}
+
+
+def residual_gains(cfg: ModelConfig, params: dict[str, Any], tokens: jax.Array) -> dict[str, np.ndarray]:
+    """The composite residual gain of the decoder on `tokens` [B, T] (mHC paper, Amax gain; `mhc.composite_gain`).
+
+    Sites are the 2L residual maps in depth order (attention, FFN per layer); entry s is the gain of the
+    product of maps s..2L-1, as the paper's per-depth curve, max over tokens. Returns {'forward': [2L],
+    'backward': [2L]} (all ones for residual_mode 'none', whose maps are the identity).
+    """
+    _check_tokens(cfg, tokens)
+    combs = _site_combs(cfg, params, jnp.asarray(tokens, jnp.int32))
+    gains = [jax.tree.map(lambda g: jnp.max(g), composite_gain(combs[s:])) for s in range(combs.shape[0])]
+    return {"forward": np.array([float(g[0]) for g in gains]), "backward": np.array([float(g[1]) for g in gains])}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _site_combs(cfg: ModelConfig, params: dict[str, Any], tokens: jax.Array) -> jax.Array:
+    """The residual maps of every site in depth order: float32 [2L, B, T, R, R]."""
+    _, state = Transformer(cfg).apply(split_collections(params), tokens, with_mtp=False, mutable=[INTERMEDIATES])
+    sown = state[INTERMEDIATES]
+    combs = []
+    for layer in range(cfg.num_hidden_layers):
+        group, repeat, sub = layer_location(cfg, layer)
+        node = sown[group][sub] if sub else sown[group]
+        for site in ("hc_attn", "hc_ffn"):
+            combs.append(node[site]["comb"][0][repeat])
+    return jnp.stack(combs)
 
 
 def _check_tokens(cfg: ModelConfig, tokens: jax.Array) -> None:

@@ -16,6 +16,8 @@
   sparse (V3.2 DSA, when index_n_heads > 0): the lightning indexer (dsa.py) picks U = index_topk keys per query
     keep  = top-U(Σ_I w·ReLU(q^I·k^I))              'BTIJ,BSJ->BTIS', 'BTIS,BTI->BTS'
     s     = s where keep ∧ causal, −inf elsewhere    (both forms; with index_topk ≥ S every visible key is kept)
+  indexer training (cfg.indexer_training): per query, KL(Σ_N probs ‖ softmax(score)) over the attended keys
+    (`dsa.indexer_kl`); 'dense_warmup' attends every visible key, 'sparse' the top-k. `attend` returns it.
 
 σ = qk_head_dim^-1/2 (× YaRN mscale²). Softmax in float32. Queries are processed in chunks of
 `q_chunk` tokens so the score tensor is [B, q_chunk, N, S], not [B, T, N, S]; the indexer scores and the
@@ -25,7 +27,7 @@ top-k are computed per chunk too ([B, q_chunk, I, S]).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -34,14 +36,20 @@ from flax import linen as nn
 
 from v4jax import sharding as shd
 from v4jax.config import ModelConfig
-from v4jax.layers.dsa import Indexer, index_scores, topk_mask
+from v4jax.layers.dsa import Indexer, index_scores, indexer_kl, topk_mask
 from v4jax.layers.linear import Projection, RMSNorm
 from v4jax.layers.rope import apply_rope, rope_angles
 
 Q_CHUNK = 1024
 
-# keep_fn(start, size) -> bool [B, size, S]: the keys that queries [start, start+size) may attend.
-KeepFn = Callable[[jax.Array, int], jax.Array]
+
+
+class IndexSelection(NamedTuple):
+    """How the DSA indexer shapes attention over a key sequence (see `latent_attention`)."""
+
+    scores: Callable[[jax.Array, int], jax.Array]  # (start, size) -> float32 [B, size, S] indexer scores
+    topk: int | None  # attend only the top-k keys per query; None: every visible key
+    with_kl: bool  # also return the indexer's per-query KL loss
 
 
 def causal_mask(q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
@@ -49,8 +57,8 @@ def causal_mask(q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
     return kv_positions[:, None, :] <= q_positions[:, :, None]
 
 
-def map_query_chunks(fn: Callable[[jax.Array, int], jax.Array], t: int, q_chunk: int | None = None) -> jax.Array:
-    """`fn(start, size) -> [B, size, ...]` over chunks of the T queries, joined to [B, T, ...].
+def map_query_chunks(fn: Callable[[jax.Array, int], Any], t: int, q_chunk: int | None = None) -> Any:
+    """`fn(start, size) -> pytree of [B, size, ...]` over chunks of the T queries, joined to [B, T, ...].
 
     Chunks have `q_chunk` (default `Q_CHUNK`) queries and run one after another (`lax.map`); a length that
     is not a multiple of the chunk falls back to one chunk.
@@ -61,7 +69,7 @@ def map_query_chunks(fn: Callable[[jax.Array, int], jax.Array], t: int, q_chunk:
     if chunk == t:
         return fn(0, t)
     outs = jax.lax.map(lambda start: fn(start, chunk), jnp.arange(0, t, chunk))  # [T/c, B, c, ...]
-    return jnp.moveaxis(outs, 0, 1).reshape(outs.shape[1], t, *outs.shape[3:])
+    return jax.tree.map(lambda o: jnp.moveaxis(o, 0, 1).reshape(o.shape[1], t, *o.shape[3:]), outs)
 
 
 def latent_attention(
@@ -69,35 +77,29 @@ def latent_attention(
     value_fn,
     q_positions: jax.Array,
     kv_positions: jax.Array,
-    keep_fn: KeepFn | None = None,
+    selection: IndexSelection | None = None,
     q_chunk: int | None = None,
-) -> jax.Array:
-    """Masked softmax attention over query chunks.
+) -> tuple[jax.Array, jax.Array | None]:
+    """Masked softmax attention over query chunks -> (o [B, T, N, X], indexer KL float32 [B, T] or None).
 
     `score_fn(start, size) -> [B, size, N, S]` gives scaled logits for queries [start, start+size);
     `value_fn(probs [B, size, N, S], start) -> [B, size, N, X]` reduces the probabilities with the values;
-    `keep_fn` (DSA) restricts each query to selected keys on top of the causal mask. Returns [B, T, N, X].
+    `selection` (DSA) restricts each query to the indexer's top-k keys on top of the causal mask and/or
+    asks for the indexer's KL toward the attention actually computed.
     """
 
     def one_chunk(start, size):
         scores = score_fn(start, size).astype(jnp.float32)  # [B, c, N, S]
         qpos = jax.lax.dynamic_slice_in_dim(q_positions, start, size, axis=1)
         mask = causal_mask(qpos, kv_positions)  # [B, c, S]
-        if keep_fn is not None:
-            mask &= keep_fn(start, size)
-        scores = jnp.where(mask[:, :, None, :], scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1)
-        return value_fn(probs, start)
+        index = None if selection is None else selection.scores(start, size)
+        if index is not None and selection.topk is not None:
+            mask &= topk_mask(index, selection.topk)
+        probs = jax.nn.softmax(jnp.where(mask[:, :, None, :], scores, -jnp.inf), axis=-1)
+        kl = indexer_kl(index, probs.sum(2), mask) if selection is not None and selection.with_kl else None
+        return value_fn(probs, start), kl
 
     return map_query_chunks(one_chunk, q_positions.shape[1], q_chunk)
-
-
-class IndexerLossInputs(NamedTuple):
-    """What the DSA indexer's KL loss needs (see `v4jax.layers.dsa`); nothing here is detached."""
-
-    scores: jax.Array  # float32 [B, T, S] indexer scores, −inf at keys a query cannot see
-    attention: jax.Array  # float32 [B, T, S] main attention probabilities summed over heads / N (rows sum to 1)
-    selected: jax.Array  # bool [B, T, S] the keys the attention used (every visible key when index_topk ≥ S)
 
 
 class MLA(nn.Module):
@@ -160,19 +162,24 @@ class MLA(nn.Module):
 
     def selection(
         self, x: jax.Array, c_q: jax.Array | None, cos: jax.Array, sin: jax.Array, positions: jax.Array
-    ) -> KeepFn | None:
-        """The DSA key selection of self-attention over x [B,T,D], as a per-chunk `KeepFn`.
+    ) -> IndexSelection | None:
+        """The DSA selection of self-attention over x [B,T,D] (see `IndexSelection`).
 
-        None when every visible key is kept: without an indexer, or when index_topk ≥ S (then only the
-        indexer's projections are traced, so `init` still creates its parameters; jit drops them).
+        None when the indexer plays no part: without one, or, outside indexer training, when index_topk ≥ S
+        (then only its projections are traced, so `init` still creates its parameters; jit drops them).
+        In indexer training its inputs are detached: its KL loss trains the indexer and nothing else.
         """
         c = self.cfg
         if not c.index_n_heads:
             return None
+        training = c.indexer_training is not None
+        if training:
+            x, c_q = jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q)
         score_fn = self._index_score_fn(x, c_q, cos, sin, positions)
-        if c.index_topk >= positions.shape[1]:
+        dense = c.indexer_training == "dense_warmup" or c.index_topk >= positions.shape[1]
+        if dense and not training:
             return None
-        return lambda start, size: topk_mask(score_fn(start, size), c.index_topk)
+        return IndexSelection(score_fn, None if dense else c.index_topk, training)
 
     def _score_fn(self, eqn: str, q_main: jax.Array, k_main: jax.Array, q_rope: jax.Array, k_rope: jax.Array):
         """`(start, size) -> float32 [B, size, N, S]`: σ·(einsum(eqn, q_main, k_main) + q_rope·k_rope) per chunk."""
@@ -198,14 +205,19 @@ class MLA(nn.Module):
         return cos, sin, q_nope, q_rope, c_q, c_kv, k_rope
 
     def _self_attention_inputs(self, x: jax.Array, positions: jax.Array):
-        """(q_nope, q_rope, c_kv, k_rope, keep) of self-attention over x [B,T,D] at positions [B,T]."""
+        """(q_nope, q_rope, c_kv, k_rope, selection) of self-attention over x [B,T,D] at positions [B,T]."""
         cos, sin, q_nope, q_rope, c_q, c_kv, k_rope = self._projections(x, positions)
         return q_nope, q_rope, c_kv, k_rope, self.selection(x, c_q, cos, sin, positions)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """Naive MLA self-attention. x [B,T,D], positions [B,T] int -> [B,T,D]."""
+        return self.attend(x, positions)[0]
+
+    def attend(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """Naive MLA self-attention -> (out [B,T,D], the indexer's KL float32 [B,T] in indexer training, else
+        None)."""
         c = self.cfg
-        q_nope, q_rope, c_kv, k_rope, keep = self._self_attention_inputs(x, positions)
+        q_nope, q_rope, c_kv, k_rope, selection = self._self_attention_inputs(x, positions)
         kv = self.wkv_b("BSC,CNH->BSNH", c_kv)
         kv = shd.constrain(kv, (shd.ACT_BATCH, shd.ACT_KV_LENGTH, shd.ACT_HEADS, None))
         k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
@@ -215,16 +227,16 @@ class MLA(nn.Module):
             return jnp.einsum("BTNS,BSNA->BTNA", probs.astype(dt), v, preferred_element_type=jnp.float32).astype(dt)
 
         score_fn = self._score_fn("BTNH,BSNH->BTNS", q_nope, k_nope, q_rope, k_rope)
-        o = latent_attention(score_fn, values, positions, positions, keep)
+        o, kl = latent_attention(score_fn, values, positions, positions, selection)
         o = shd.constrain(o, (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_HEADS, None))
         out = self.wo("BTNA,NAD->BTD", o)
         chex.assert_shape(out, x.shape)
-        return out
+        return out, kl
 
     def absorbed(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """The same attention computed in latent space (the decode formulation). x [B,T,D] -> [B,T,D]."""
-        q_nope, q_rope, c_kv, k_rope, keep = self._self_attention_inputs(x, positions)
-        o = self.attend_latent(q_nope, q_rope, positions, c_kv, k_rope, positions, keep)
+        q_nope, q_rope, c_kv, k_rope, selection = self._self_attention_inputs(x, positions)
+        o = self.attend_latent(q_nope, q_rope, positions, c_kv, k_rope, positions, selection)
         out = self.wo("BTNA,NAD->BTD", o)
         chex.assert_shape(out, x.shape)
         return out
@@ -237,9 +249,9 @@ class MLA(nn.Module):
         c_kv: jax.Array,
         k_rope: jax.Array,
         kv_positions: jax.Array,
-        keep_fn: KeepFn | None = None,
+        selection: IndexSelection | None = None,
     ) -> jax.Array:
-        """Absorbed attention of queries over cached latents (only the `keep_fn` keys when given).
+        """Absorbed attention of queries over cached latents (only the selected keys when given).
 
         Returns o [B,T,N,A] (before Wo).
         """
@@ -251,29 +263,5 @@ class MLA(nn.Module):
 
         q_lat = self.wkv_b("BTNH,CNH->BTNC", q_nope, columns=(0, h))
         score_fn = self._score_fn("BTNC,BSC->BTNS", q_lat, c_kv, q_rope, k_rope)
-        o_lat = latent_attention(score_fn, values, q_positions, kv_positions, keep_fn)
+        o_lat, _ = latent_attention(score_fn, values, q_positions, kv_positions, selection)
         return self.wkv_b("BTNC,CNA->BTNA", o_lat, columns=(h, h + c.v_head_dim))
-
-    def indexer_loss_inputs(self, x: jax.Array, positions: jax.Array) -> IndexerLossInputs:
-        """The indexer scores, the main attention distribution and the key selection of self-attention over
-        x [B,T,D]: the inputs of DeepSeek-V3.2's indexer KL loss (see `v4jax.layers.dsa`), [B,T,S] each.
-
-        The attention is the one `__call__` computes (over the selected keys), in latent space.
-        """
-        c = self.cfg
-        if not c.index_n_heads:
-            raise ValueError("MLA.indexer_loss_inputs needs an indexer (cfg.index_n_heads > 0)")
-        cos, sin, q_nope, q_rope, c_q, c_kv, k_rope = self._projections(x, positions)
-        scores = map_query_chunks(self._index_score_fn(x, c_q, cos, sin, positions), x.shape[1])
-        selected = topk_mask(scores, c.index_topk)
-
-        def keep(start, size):
-            return jax.lax.dynamic_slice_in_dim(selected, start, size, axis=1)
-
-        def head_mean(probs, start):
-            return jnp.mean(probs, axis=2, keepdims=True)  # [B, c, 1, S]
-
-        q_lat = self.wkv_b("BTNH,CNH->BTNC", q_nope, columns=(0, c.qk_nope_head_dim))
-        score_fn = self._score_fn("BTNC,BSC->BTNS", q_lat, c_kv, q_rope, k_rope)
-        attention = latent_attention(score_fn, head_mean, positions, positions, keep)[:, :, 0]
-        return IndexerLossInputs(scores, attention, selected)

@@ -17,6 +17,7 @@ separate no-rope, value or latent dims), carry V4 meanings here:
     window:   s_w = q·kv · C^-1/2                  'BTNC,BSC->BTNS'   S = the W-token window (below)
     HCA:      s_y = q·entry · C^-1/2               'BTNC,BYC->BTNY'   all visible entries
     CSA:      s_u = q·entry[idx] · C^-1/2          'BTNC,BTUC->BTNU'  the indexer's top-k entries
+              (all visible entries, as HCA, in the indexer's 'dense_warmup' training stage)
     p     = softmax over [window ; entries ; sink_N] in float32, sink column dropped
     o     = p_w·kv + p_y·entry (or p_u·entry[idx]) 'BTNS,BSC->BTNC' + 'BTNY,BYC->BTNC' / 'BTNU,BTUC->BTNC'
     o     = RoPE^-1(o)  (rotation by -t on the trailing P channels, at the query positions)
@@ -45,8 +46,10 @@ that HF also has and we follow: no FP8 simulation of the KV / entries and no Had
 the indexer (the official model quantises those in its forward; HF does not, neither do we); indexer
 scores in float32 (official: bf16). Numerics: softmax, the sink, all norms and rope rotations in float32,
 projections in `cfg.dtype` with float32 accumulation. The indexer's parameters get no gradient from the
-output (only its top-k indices are used), as in HF; its own training loss is not here. Not here either:
-caches / decoding, padding masks.
+output (only its top-k indices are used), as in HF. In indexer training (`cfg.indexer_training`) `attend`
+also returns the indexer's per-query KL toward the heads' summed attention on the entries it could pick
+(`dsa.indexer_kl`: the selected entries, or every visible entry in 'dense_warmup'), with the indexer's
+inputs detached. Not here: caches / decoding, padding masks.
 
 Sharding: wq_b[Q, N_heads, C], attn_sink[N_heads]; the single K=V head and the entries are replicated over
 heads; wo_a[O, H, A] / wo_b[O, A, D] use the logical names `o_groups` / `o_lora` (unsharded in every preset),
@@ -63,7 +66,7 @@ from flax import linen as nn
 from v4jax import sharding as shd
 from v4jax.config import LAYER_TYPES, ModelConfig
 from v4jax.layers.compressor import Compressor, Indexer, top_k_entries, v4_rope
-from v4jax.layers.dsa import index_scores
+from v4jax.layers.dsa import index_scores, indexer_kl
 from v4jax.layers.linear import Projection, RMSNorm, rms_norm
 from v4jax.layers.rope import apply_trailing_rope, rope_cos_sin
 
@@ -113,6 +116,11 @@ class AttentionV4(nn.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """x [B,T,D], positions [B,T] (0..T-1) -> [B,T,D]."""
+        return self.attend(x, positions)[0]
+
+    def attend(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """x [B,T,D], positions [B,T] (0..T-1) -> (out [B,T,D], the indexer's KL float32 [B,T] on CSA layers in
+        indexer training, else None)."""
         c = self.cfg
         b, t, _ = x.shape
         n, hd, w = c.num_attention_heads, c.head_dim, c.sliding_window
@@ -135,8 +143,13 @@ class AttentionV4(nn.Module):
         kv_pos = jnp.pad(positions, ((0, 0), (w - 1, 0)), constant_values=-_FAR)
         kv_pos = jnp.pad(kv_pos, pad_t, constant_values=_FAR)
         entries = self.compressor(x) if self.layer_type != SLIDING else None  # [B, Y, C]
+        training = self.layer_type == CSA and c.indexer_training is not None
+        dense_entries = self.layer_type == HCA or c.indexer_training == "dense_warmup"
         if self.layer_type == CSA:
-            iq, iw, ikeys = self.indexer(x, q_latent, positions)
+            if training:
+                iq, iw, ikeys = self.indexer(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent), positions)
+            else:
+                iq, iw, ikeys = self.indexer(x, q_latent, positions)
             iq = jnp.pad(iq, pad_t + ((0, 0), (0, 0)))
             iw = jnp.pad(iw, pad_t + ((0, 0),))
         scale = hd**-0.5
@@ -152,30 +165,38 @@ class AttentionV4(nn.Module):
             s = jnp.where(((kp <= qp) & (kp > qp - w))[:, :, None, :], s, -jnp.inf)
             if entries is None or entries.shape[1] == 0:
                 p = sink_softmax(s, sink).astype(dt)
-                return jnp.einsum("BTNS,BSC->BTNC", p, keys, preferred_element_type=jnp.float32)
-            if self.layer_type == HCA:
-                values = entries
-                s_e = jnp.einsum("BTNC,BYC->BTNY", qc, entries, preferred_element_type=jnp.float32) * scale
-                visible = jnp.arange(entries.shape[1]) < (qp + 1) // c.compress_rate_hca  # [B, c, Y]
-                e_eqn = "BTNY,BYC->BTNC"
-            else:
+                o = jnp.einsum("BTNS,BSC->BTNC", p, keys, preferred_element_type=jnp.float32)
+                return o, (jnp.zeros(qp.shape[:2], jnp.float32) if training else None)
+            rate = c.compress_rate_hca if self.layer_type == HCA else c.compress_rate_csa
+            if self.layer_type == CSA:
                 iqc = jax.lax.dynamic_slice_in_dim(iq, start, chunk, axis=1)
                 iwc = jax.lax.dynamic_slice_in_dim(iw, start, chunk, axis=1)
-                idx = top_k_entries(index_scores(iqc, iwc, ikeys), qp[..., 0], c.compress_rate_csa, c.index_topk)
+                index = index_scores(iqc, iwc, ikeys)  # [B, c, Y]
+            if dense_entries:
+                values = entries
+                s_e = jnp.einsum("BTNC,BYC->BTNY", qc, entries, preferred_element_type=jnp.float32) * scale
+                visible = jnp.arange(entries.shape[1]) < (qp + 1) // rate  # [B, c, Y]
+                e_eqn = "BTNY,BYC->BTNC"
+            else:
+                idx = top_k_entries(index, qp[..., 0], rate, c.index_topk)
                 values = jax.vmap(lambda e, i: e[i])(entries, jnp.maximum(idx, 0))  # [B, c, U, C]
                 s_e = jnp.einsum("BTNC,BTUC->BTNU", qc, values, preferred_element_type=jnp.float32) * scale
                 visible = idx >= 0  # [B, c, U]
                 e_eqn = "BTNU,BTUC->BTNC"
+                index = jnp.take_along_axis(index, jnp.maximum(idx, 0), axis=-1)  # [B, c, U]
             s_e = jnp.where(visible[:, :, None, :], s_e, -jnp.inf)
-            p = sink_softmax(jnp.concatenate([s, s_e], axis=-1), sink).astype(dt)
-            o = jnp.einsum("BTNS,BSC->BTNC", p[..., : s.shape[-1]], keys, preferred_element_type=jnp.float32)
-            return o + jnp.einsum(e_eqn, p[..., s.shape[-1] :], values, preferred_element_type=jnp.float32)
+            p = sink_softmax(jnp.concatenate([s, s_e], axis=-1), sink)
+            p_w, p_e = p[..., : s.shape[-1]].astype(dt), p[..., s.shape[-1] :]
+            o = jnp.einsum("BTNS,BSC->BTNC", p_w, keys, preferred_element_type=jnp.float32)
+            o += jnp.einsum(e_eqn, p_e.astype(dt), values, preferred_element_type=jnp.float32)
+            return o, (indexer_kl(index, p_e.sum(2), visible) if training else None)
 
         if chunk == padded:
-            o = one_chunk(0)
+            o, kl = one_chunk(0)
         else:
-            outs = jax.lax.map(one_chunk, jnp.arange(0, padded, chunk))  # [T'/c, B, c, N, C]
-            o = jnp.moveaxis(outs, 0, 1).reshape(b, padded, n, hd)
+            outs = jax.lax.map(one_chunk, jnp.arange(0, padded, chunk))  # [T'/c, B, c, ...]
+            o, kl = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape(b, padded, *a.shape[3:]), outs)
+        kl = None if kl is None else kl[:, :t]
         o = apply_trailing_rope(o[:, :t].astype(dt), cos, -sin)
         o = shd.constrain(o, (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_HEADS, None))
         # group-major for the grouped projection: XLA:CPU cannot run 'BTOH,OHA->BTOA' as a bf16 dot with
@@ -183,4 +204,4 @@ class AttentionV4(nn.Module):
         o = jnp.moveaxis(o.reshape(b, t, c.o_groups, n * hd // c.o_groups), 2, 0)  # [O, B, T, H]
         out = self.wo_b("OBTA,OAD->BTD", self.wo_a("OBTH,OHA->OBTA", o))
         chex.assert_shape(out, (b, t, c.hidden_size))
-        return out
+        return out, kl

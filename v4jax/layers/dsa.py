@@ -30,12 +30,16 @@ Masking. transformers adds its additive causal mask (`finfo.min` for eager atten
 the top min(index_topk, S) over all S keys, so early queries also "select" future keys, which the causal
 mask then removes. The keys attended are the same as here: the top min(index_topk, t+1) visible keys.
 
-Training. `keep` is boolean, so the language-model loss never reaches the indexer. DeepSeek trains the
-indexer only with a KL loss toward the detached main attention distribution (V3.2 report: a dense warm-up
-with target p_t = Σ_N attention probabilities, L1-normalised, loss KL(p_t ‖ softmax(score_t)); then sparse
-training restricted to the selected keys, with the indexer input detached). `MLA.indexer_loss_inputs`
-returns the scores, p and the selection that such a loss needs; the loss lives with the training code.
-transformers' indexer runs under `torch.no_grad` and cannot be trained.
+Training (`indexer_kl`, switched on by `cfg.indexer_training`). `keep` is boolean, so the language-model
+loss never reaches the indexer. As in the V3.2 report, the indexer learns from a KL loss toward the main
+attention distribution, per query t over a key set K_t:
+    p_t   = Σ_N attention probabilities on K_t, L1-normalised          detached (the target)
+    q_t   = softmax(score_t) over K_t
+    KL_t  = Σ_{s ∈ K_t} p_t,s (log p_t,s − log q_t,s)
+'dense_warmup': the attention is dense and K_t = every visible key (the trainer then updates only the
+indexer); 'sparse': the attention uses the top-k and K_t = the selected keys. The indexer's inputs are
+detached in both stages, so the KL trains only the indexer. transformers' indexer runs under
+`torch.no_grad` and cannot be trained.
 """
 
 from __future__ import annotations
@@ -98,6 +102,21 @@ def topk_mask(scores: jax.Array, k: int) -> jax.Array:
     _, top = jax.lax.top_k(scores, min(k, scores.shape[-1]))  # [B, T, U]
     keep = jnp.put_along_axis(jnp.zeros(scores.shape, jnp.bool_), top, True, axis=-1, inplace=False)
     return keep & (scores > -jnp.inf)
+
+
+def indexer_kl(scores: jax.Array, attention: jax.Array, keys: jax.Array) -> jax.Array:
+    """Per-query KL(p ‖ softmax(scores)) over the key set `keys`: float32 [B, T] (0 where the set is empty).
+
+    scores float32 [B, T, S] (indexer), attention [B, T, S] main attention probabilities summed (or
+    averaged) over heads, used as the L1-normalised target p without gradient; keys bool [B, T, S].
+    """
+    chex.assert_equal_shape([scores, attention, keys])
+    target = jax.lax.stop_gradient(jnp.where(keys, attention.astype(jnp.float32), 0.0))
+    target = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-30)
+    # a finite fill keeps rows with an empty set free of NaN (their terms are 0 either way)
+    log_q = jax.nn.log_softmax(jnp.where(keys, scores, -1e30), axis=-1)
+    log_p = jnp.log(jnp.where(target > 0, target, 1.0))
+    return jnp.sum(jnp.where(target > 0, target * (log_p - log_q), 0.0), axis=-1)
 
 
 class Indexer(nn.Module):

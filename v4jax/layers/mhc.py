@@ -66,6 +66,9 @@ HC_SCALE_INIT = 0.01  # HC's init of the dynamic-term scales
 
 
 # ----------------------------------------------------------------- pure helpers
+INTERMEDIATES = "intermediates"  # Flax's collection for sown values (the residual maps, for analysis)
+
+
 def num_streams(cfg: ModelConfig) -> int:
     """R: hc_mult under 'hc' / 'mhc', 1 for the plain residual."""
     return 1 if cfg.residual_mode == "none" else cfg.hc_mult
@@ -222,6 +225,7 @@ class HyperConnection(nn.Module):
         x_in = shd.constrain(collapse(streams, pre), (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_EMBED))
         chex.assert_shape([pre, post], (b, t, r))
         chex.assert_shape(comb, (b, t, r, r))
+        self.sow(INTERMEDIATES, "comb", comb)  # kept only when applied with mutable=['intermediates']
         return x_in, post, comb
 
     def post(self, y: jax.Array, streams: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
