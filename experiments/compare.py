@@ -2,7 +2,7 @@
 
     python -m experiments.compare balancing     # aux-loss-free bias vs auxiliary loss vs none
     python -m experiments.compare residual      # mHC vs HC vs plain residual
-    python -m experiments.compare balancing --steps 300 --out runs/compare   # shorter
+    python -m experiments.compare balancing --steps 150 --batch 8 --eval-every 50   # other train flags pass on
 
 Every variant trains the default tiny V4 preset from the same seed on the same batches; only the listed
 overrides differ. Results (a markdown table plus the per-step curves in each run's metrics.jsonl) go to
@@ -106,15 +106,14 @@ def write_table(experiment: str, rows: list[dict], command: str, entropy: float)
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--results", default=str(RESULTS), help="directory for <experiment>.md and .json")
-    p.add_argument("extra", nargs="*", help="more experiments.train flags, after --")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)  # any other flag goes to experiments.train
     rows, entropy = [], None
     for name, overrides in EXPERIMENTS[args.experiment].items():
         run = pathlib.Path(args.out) / args.experiment / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-        flags = ["--steps", str(args.steps), "--out", str(run), "--no-progress", *args.extra]
+        flags = ["--steps", str(args.steps), "--out", str(run), "--no-progress", *extra]
         for override in overrides:
             flags += ["--set", override]
         summary = train.main(flags)
@@ -123,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     results = pathlib.Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     command = f"python -m experiments.compare {args.experiment} --steps {args.steps}"
+    if extra:
+        command += " " + " ".join(extra)
     (results / f"{args.experiment}.md").write_text(write_table(args.experiment, rows, command, entropy))
     (results / f"{args.experiment}.json").write_text(json.dumps(rows, indent=2))
     print((results / f"{args.experiment}.md").read_text())

@@ -1,6 +1,6 @@
 """Train a v4jax model on a text corpus, then sample from it: the README's main job.
 
-    python -m experiments.train                                  # tiny_v4 on the Python stdlib, ~5 min on 2 cores
+    python -m experiments.train                                  # tiny_v4 on the Python stdlib, 300 steps
     python -m experiments.train --preset small_v4 --steps 2000 --batch 8 --seq-len 512 --out runs/small
     python -m experiments.train --set residual_mode=none --set train.balance_alpha=0 --out runs/ablation
     python -m experiments.train --out runs/default --resume      # continue from the last checkpoint
@@ -68,7 +68,7 @@ def parse_overrides(pairs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny_v4", choices=sorted(presets.PRESETS))
-    p.add_argument("--steps", type=int, default=600, help="total optimizer steps")
+    p.add_argument("--steps", type=int, default=300, help="total optimizer steps")
     p.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")

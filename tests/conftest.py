@@ -3,7 +3,12 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# 8 emulated devices; XLA:CPU backend optimisation level 0: the suite is dominated by compiling many small
+# programs, which this makes ~40% faster (same numerics: no fast-math either way); notebooks inherit it.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

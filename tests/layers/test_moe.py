@@ -15,7 +15,7 @@ from v4jax import sharding as shd
 from v4jax.layers import moe_dispatch as md
 from v4jax.layers.moe import MoE, Router, check_hash_table, merge_duplicate_experts
 
-IMPLS = ("ragged", "capacity")
+IMPLS = md.IMPLS
 
 
 def rel_err(x, y) -> float:
@@ -40,6 +40,37 @@ def np_expert_loop(x, indices, weights, w1, w3, w2):
             gate, up = x[t] @ w1[e], x[t] @ w3[e]
             y[t] += weights[t, k] * ((gate / (1 + np.exp(-gate)) * up) @ w2[e])
     return y
+
+
+def np_expert_loop_vjp(x, indices, weights, w1, w3, w2, cotangent, limit=None):
+    """Oracle of the routed output and its backward (float64), by hand: y as `np_expert_loop` with the
+    swiglu_limit clamp (gate <= L, |up| <= L), and the gradients of Σ cotangent ⊙ y w.r.t. x, weights,
+    w1, w3, w2. Ids outside [0, E) are padding (no output, no gradient)."""
+    x, weights, w1, w3, w2, cot = (np.asarray(a, np.float64) for a in (x, weights, w1, w3, w2, cotangent))
+    indices = np.asarray(indices)
+    y, dx, dweights = np.zeros_like(x), np.zeros_like(x), np.zeros_like(weights)
+    dw1, dw3, dw2 = np.zeros_like(w1), np.zeros_like(w3), np.zeros_like(w2)
+    big = np.inf if limit is None else limit
+    for t, k in np.ndindex(*indices.shape):
+        e = indices[t, k]
+        if not 0 <= e < w1.shape[0]:
+            continue
+        gate, up = x[t] @ w1[e], x[t] @ w3[e]
+        g, u = np.minimum(gate, big), np.clip(up, -big, big)
+        sig = 1 / (1 + np.exp(-g))
+        h = g * sig * u
+        out = h @ w2[e]
+        y[t] += weights[t, k] * out
+        dweights[t, k] = cot[t] @ out
+        d_out = weights[t, k] * cot[t]
+        dw2[e] += np.outer(h, d_out)
+        dh = w2[e] @ d_out
+        d_gate = dh * u * sig * (1 + g * (1 - sig)) * (gate < big)
+        d_up = dh * g * sig * (np.abs(up) < big)
+        dw1[e] += np.outer(x[t], d_gate)
+        dw3[e] += np.outer(x[t], d_up)
+        dx[t] += w1[e] @ d_gate + w3[e] @ d_up
+    return y, (dx, dweights, dw1, dw3, dw2)
 
 
 def np_scores(x, kernel, cfg):
@@ -132,14 +163,25 @@ def unsharded_moe(impl):
 
 
 # ----------------------------------------------------------------- dispatch
+def local_experts(impl, num_tokens, block_size=md.SORTED_BLOCK_SIZE):
+    """The dropless per-row expert function of `impl`: (x, expert, w1, w3, w2, limit=...) -> rows [T, K, D]."""
+    if impl == "ragged":
+        return md.ragged_experts
+    if impl == "capacity":
+        return functools.partial(md.capacity_experts, capacity=num_tokens)
+    return functools.partial(md.sorted_experts, block_size=block_size)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_dispatch_matches_loop_oracle(impl, tiny_cfg):
     x, indices, weights, w1, w3, w2 = random_routing(0, 40, tiny_cfg)
     if impl == "ragged":
         y = jax.jit(md.ragged_dispatch)(x, indices, weights, w1, w3, w2)
-    else:
+    elif impl == "capacity":
         dispatch = functools.partial(md.capacity_dispatch, capacity_factor=float(tiny_cfg.n_routed_experts))
         y = jax.jit(dispatch)(x, indices, weights, w1, w3, w2)
+    else:
+        y = jax.jit(md.sorted_dispatch)(x, indices, weights, w1, w3, w2)
     assert y.shape == x.shape and y.dtype == jnp.float32
     assert rel_err(y, np_expert_loop(x, indices, weights, w1, w3, w2)) < 1e-5
 
@@ -150,10 +192,7 @@ def test_padding_expert_ids_give_zero_rows(impl, tiny_cfg):
     x, indices, _, w1, w3, w2 = random_routing(1, 12, tiny_cfg)
     e = tiny_cfg.n_routed_experts
     padded = jnp.concatenate([indices, jnp.full((12, 1), e, jnp.int32)], axis=1)
-    if impl == "ragged":
-        rows = jax.jit(md.ragged_experts)(x, padded, w1, w3, w2)
-    else:
-        rows = jax.jit(functools.partial(md.capacity_experts, capacity=indices.size))(x, padded, w1, w3, w2)
+    rows = jax.jit(local_experts(impl, 12, block_size=4))(x, padded, w1, w3, w2)
     np.testing.assert_array_equal(rows[:, -1], 0.0)
     ones = jnp.ones(indices.shape)
     assert rel_err(rows[:, :-1].sum(1), np_expert_loop(x, indices, ones, w1, w3, w2)) < 1e-5
@@ -191,10 +230,131 @@ def test_default_capacity_is_dropless_even_when_every_token_picks_the_same_exper
     assert md.expert_capacity(t * k, tiny_cfg.n_routed_experts, None, t) == t
 
 
-def test_auto_impl_is_capacity_on_cpu():
+def test_sorted_with_fewer_blocks_than_its_largest_chunk(tiny_cfg):
+    """1 token: the buffer holds fewer blocks than the largest chunk, which is then never traced."""
+    x, indices, weights, w1, w3, w2 = random_routing(14, 1, tiny_cfg)
+    y = jax.jit(md.sorted_dispatch)(x, indices, weights, w1, w3, w2)
+    assert md.block_layout(indices, tiny_cfg.n_routed_experts, md.SORTED_BLOCK_SIZE).num_blocks < max(md.SORTED_CHUNKS)
+    assert rel_err(y, np_expert_loop(x, indices, weights, w1, w3, w2)) < 1e-5
+
+
+def test_auto_impl_is_sorted_on_cpu():
     assert jax.default_backend() == "cpu"
-    assert md.resolve_impl("auto") == "capacity"
+    assert md.resolve_impl("auto") == "sorted"
     assert md.resolve_impl("ragged") == "ragged"
+    with pytest.raises(ValueError, match=r"moe_impl='sparse' is not one of \('auto', 'ragged', 'capacity', 'sorted'\)"):
+        md.resolve_impl("sparse")
+
+
+def test_block_layout_matches_numpy():
+    """Rows of an expert fill consecutive slots from its first block in row order, each expert's group is
+    padded to whole blocks, empty experts get no block, padding ids (≥ E or < 0) get no slot."""
+    e, s = 6, 4
+    expert = np.random.default_rng(2).integers(-1, e + 2, size=(9, 5))
+    expert[:, 0] = 3  # one expert with several blocks
+    expert[expert == 1] = 4  # and one without rows
+    layout = jax.jit(md.block_layout, static_argnums=(1, 2))(jnp.asarray(expert, jnp.int32), e, s)
+    flat = expert.ravel()
+    sizes = np.bincount(flat[(flat >= 0) & (flat < e)], minlength=e)
+    blocks = -(-sizes // s)
+    start = np.cumsum(blocks) - blocks
+    expected = np.full(flat.size, layout.num_blocks * s)
+    for i in range(e):
+        rows = np.nonzero(flat == i)[0]
+        expected[rows] = start[i] * s + np.arange(rows.size)
+    np.testing.assert_array_equal(layout.position, expected)
+    np.testing.assert_array_equal(layout.block_start, start)
+    np.testing.assert_array_equal(layout.block_end, start + blocks)
+    assert 0 in sizes and layout.num_blocks == (flat.size + e * (s - 1)) // s >= blocks.sum()
+
+
+DROPLESS_CASES = {  # (routing, swiglu_limit)
+    "random": ("random", None),
+    "padding_ids": ("padding", None),
+    "one_expert_group": ("same", None),
+    "swiglu_limit": ("random", 0.6),
+}
+
+
+@functools.cache
+def dropless_case(case):
+    """(inputs (x, weights, w1, w3, w2), indices [T, 4], cotangent, limit) of a DROPLESS_CASES entry, tiny
+    sizes with 4 experts per token (one shape for all cases, so they share compilations): 'padding' makes
+    the last column ids E and E+3; 'same' sends every token to experts (5, 0, 2, 7), so four experts get
+    all T rows and the others none."""
+    cfg = presets.tiny().replace(num_experts_per_tok=4)
+    t, e = 40, cfg.n_routed_experts
+    routing, limit = DROPLESS_CASES[case]
+    x, indices, weights, w1, w3, w2 = random_routing(11, t, cfg)
+    if routing == "padding":
+        indices = indices.at[:, -1].set(jnp.where(jnp.arange(t) % 2, e, e + 3))
+    elif routing == "same":
+        indices = jnp.broadcast_to(jnp.array([5, 0, 2, 7], jnp.int32), indices.shape)
+    cotangent = jnp.asarray(np.random.default_rng(12).normal(size=x.shape), jnp.float32)
+    return (x, weights, w1, w3, w2), indices, cotangent, limit
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def dropless_value_and_grads(impl, block_size, limit, indices, cotangent, inputs):
+    """(y, grads of Σ cotangent ⊙ y w.r.t. inputs = (x, weights, w1, w3, w2)) of the dropless `impl`."""
+    experts = local_experts(impl, inputs[0].shape[0], block_size)
+
+    def routed(x, weights, w1, w3, w2):
+        return md.combine(experts(x, indices, w1, w3, w2, limit=limit), weights)
+
+    y, vjp = jax.vjp(routed, *inputs)
+    return y, vjp(cotangent)
+
+
+@pytest.mark.parametrize("case", sorted(DROPLESS_CASES))
+def test_dropless_impls_match_the_oracle_in_values_and_gradients(case):
+    """'sorted' (blocks of 4 rows: multi-block experts in chunks of every size, partial blocks, empty
+    experts), 'ragged' and dropless 'capacity' all equal the float64 oracle and each other, gradients
+    w.r.t. x, weights, w1, w3 and w2 included."""
+    inputs, indices, cotangent, limit = dropless_case(case)
+    x, weights, w1, w3, w2 = inputs
+    y_ref, grads_ref = np_expert_loop_vjp(x, indices, weights, w1, w3, w2, cotangent, limit)
+    if limit is not None:  # the clamp is active on a part of the pre-activations
+        assert 0.05 < np.mean(np.einsum("TD,EDM->TEM", x, w1) > limit) < 0.5
+    results = {
+        impl: dropless_value_and_grads(impl, 4, limit, indices, cotangent, inputs)
+        for impl in ("sorted", "ragged", "capacity")
+    }
+    names = ("x", "weights", "w1", "w3", "w2")
+    for impl, (y, grads) in results.items():
+        assert rel_err(y, y_ref) < 1e-5, impl
+        for name, g, ref in zip(names, grads, grads_ref, strict=True):
+            assert rel_err(g, ref) < 1e-5, (impl, name)
+    y, grads = results["sorted"]
+    for other in ("ragged", "capacity"):
+        y_other, grads_other = results[other]
+        assert rel_err(y, y_other) < 1e-5, other
+        for name, g, g_other in zip(names, grads, grads_other, strict=True):
+            assert rel_err(g, g_other) < 1e-5, (other, name)
+    if case == "padding_ids":  # the padding column's weights get no gradient
+        np.testing.assert_array_equal(grads[1][:, -1], 0.0)
+
+
+def test_sorted_in_bfloat16_follows_the_matmul_dtype():
+    """bfloat16 x and weights: gradients keep their dtypes (the custom VJP's cotangents must match its
+    inputs) and agree with the float64 oracle to bfloat16 precision."""
+    inputs, indices, cotangent, limit = dropless_case("random")  # unclamped: bfloat16 rounding moves no clamp
+    x, weights, w1, w3, w2 = inputs
+    bf16 = [a.astype(jnp.bfloat16) for a in (x, w1, w3, w2)]
+
+    def value_and_grads(x, w1, w3, w2):
+        def routed(x, w1, w3, w2):
+            return md.combine(md.sorted_experts(x, indices, w1, w3, w2, block_size=4, limit=limit), weights)
+
+        y, vjp = jax.vjp(routed, x, w1, w3, w2)
+        return y, vjp(cotangent)
+
+    y, grads = jax.jit(value_and_grads)(*bf16)
+    y_ref, (dx, _, dw1, dw3, dw2) = np_expert_loop_vjp(bf16[0], indices, weights, *bf16[1:], cotangent, limit)
+    assert y.dtype == jnp.float32 and [g.dtype for g in grads] == [jnp.bfloat16] * 4
+    assert rel_err(y, y_ref) < 2e-2
+    for g, ref in zip(grads, (dx, dw1, dw3, dw2), strict=True):
+        assert rel_err(g, ref) < 2e-2
 
 
 # ----------------------------------------------------------------- router
@@ -349,8 +509,10 @@ MESHES = {
 
 
 @pytest.mark.multi_device
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("preset", sorted(MESHES))
+@pytest.mark.parametrize(
+    ("preset", "impl"),  # 'sorted' only where experts are split (its local path is the same on the others)
+    [(p, i) for p in sorted(MESHES) for i in IMPLS if i != "sorted" or MESHES[p].get("expert", 1) > 1],
+)
 def test_sharded_moe_matches_unsharded(preset, impl):
     module, params, x, expected, expected_aux = unsharded_moe(impl)
 

@@ -1,12 +1,20 @@
 """Routed-expert dispatch: run each token through its K chosen experts and combine with the routing weights.
 
 Letters (style table): T flattened tokens (B·T folded into one axis), D model width, E experts,
-M expert hidden, K experts per token, X capacity slots per expert. Each of the T·K (token, slot)
-assignments is a *row*; an expert is SwiGLU over its rows:
+M expert hidden, K experts per token, X capacity slots per expert (also the rows of one matmul chunk in 'sorted').
+Each of the T·K (token, slot) assignments is a *row*; an expert is SwiGLU over its rows:
 
     ragged (dropless):    rows sorted by expert, group sizes G[E]
         gate = ragged_dot(rows, W1, G), up = ragged_dot(rows, W3, G)     [T·K, D] x [E, D, M] -> [T·K, M]
         out  = ragged_dot(silu(gate) ⊙ up, W2, G)                        [T·K, M] x [E, M, D] -> [T·K, D]
+    sorted (dropless):    rows sorted by expert into buf[nb·bs, D], each expert's group G_e padded with zero
+                          rows to ceil(G_e / bs) blocks of bs rows; nb = (T·K + min(E, T·K)·(bs − 1)) // bs
+                          bounds Σ_e ceil(G_e / bs) statically and blocks past that sum are never computed.
+                          Expert e runs its consecutive blocks in chunks of X = c·bs rows, c in (4, 2, 1)
+                          largest first, with its weights sliced once:
+        out_chunk = swiglu('XD,DM->XM'(buf_chunk, W1[e]), 'XD,DM->XM'(buf_chunk, W3[e])) @ W2[e]   [X, D]
+        backward (custom VJP, same loops): dW1[e] = Σ_chunks 'XD,XM->DM'(buf_chunk, dgate_chunk), likewise
+        dW3 and dW2, accumulated per expert in a float32 [D, M] carry: no per-chunk weight-sized buffers
     capacity (drops over-capacity rows): rows gathered into a padded buffer buf[E, X, D]
         h    = silu('EXD,EDM->EXM' with W1) ⊙ ('EXD,EDM->EXM' with W3)
         out  = 'EXM,EMD->EXD' with W2
@@ -27,8 +35,10 @@ the expert-MLP axes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import chex
 import jax
@@ -40,22 +50,31 @@ from v4jax import sharding as shd
 from v4jax.layers.linear import swiglu
 
 # 'auto' picks per backend. Forward+backward (grads wrt x, weights, w1, w3, w2) of the routed experts at the
-# `small` preset size (T = 2×512 tokens, D=512, E=64, K=6, M=256: 9·2·T·K·D·M = 14.5 GFLOP of useful work)
-# on the 2-core development CPU, jit, best of 5 runs, while other jobs shared the machine:
-#   ragged   (jax.lax.ragged_dot):         16.6 s    0.9 GFLOP/s  (XLA:CPU lowers ragged_dot to a masked
-#                                                                  dense dot over all E groups: E× the FLOPs)
-#   capacity (batched einsum, factor 2.0):  540 ms  26.8 GFLOP/s  (X=192 slots: the buffer is 2× padded)
-# so the CPU default is 'capacity'. On GPU/TPU ragged_dot lowers to grouped-matmul kernels: dropless 'ragged'.
-AUTO_IMPL = {"cpu": "capacity"}
+# `small` preset size (T = 2×512 tokens, D=512, E=64, K=6, M=256: 9·2·T·K·D·M = 14.5 GFLOP of useful work;
+# uneven loads of 3..363 rows per expert) on the 2-core development CPU, `benchmarks/moe_dispatch.py`, with
+# other jobs on the machine (process CPU time, all threads, which is steadier than wall time there):
+#   ragged   (jax.lax.ragged_dot):        33.0 s   (XLA:CPU lowers ragged_dot to a masked dense dot over
+#                                                   all E groups: E× the FLOPs; 16.6 s wall on an idle machine)
+#   capacity (batched einsum, dropless):   5.79 s  (X = T slots: the buffer is E/K = 10.7× the real rows)
+#   capacity (factor 2.0, drops rows):     1.16 s  (X = 192 slots: the buffer is 2× padded)
+#   sorted   (block-sorted, dropless):     0.86 s  (17% padding rows at bs = 32; 0.70 s wall = 20.6 GFLOP/s,
+#                                                   51% of the matmul peak measured alongside on one free core)
+# so the CPU default is the dropless 'sorted' (end to end on `small`: 148 tokens/s against 132 for capacity
+# factor 2.0 and 40 for dropless capacity; benchmarks/README.md). On GPU/TPU ragged_dot lowers to grouped-matmul
+# kernels: dropless 'ragged'.
+AUTO_IMPL = {"cpu": "sorted"}
 DEFAULT_IMPL = "ragged"
+IMPLS = ("ragged", "capacity", "sorted")
+SORTED_BLOCK_SIZE = 32  # bs of 'sorted': each expert's rows are padded to whole blocks of bs rows
+SORTED_CHUNKS = (4, 2, 1)  # blocks per matmul of 'sorted', largest first
 
 
 def resolve_impl(impl: str) -> str:
-    """'ragged' | 'capacity' for the configured `moe_impl`; 'auto' looks at the default backend."""
+    """One of IMPLS for the configured `moe_impl`; 'auto' looks at the default backend."""
     if impl == "auto":
         return AUTO_IMPL.get(jax.default_backend(), DEFAULT_IMPL)
-    if impl not in ("ragged", "capacity"):
-        raise ValueError(f"moe_impl={impl!r} is not one of ('auto', 'ragged', 'capacity')")
+    if impl not in IMPLS:
+        raise ValueError(f"moe_impl={impl!r} is not one of {('auto', *IMPLS)}")
     return impl
 
 
@@ -132,6 +151,157 @@ def capacity_experts(
     return rows.reshape(k, t, -1).transpose(1, 0, 2)  # [T, K, D]
 
 
+class BlockLayout(NamedTuple):
+    """Where `sorted_experts` puts each row: sorted by expert, each expert's group padded to whole blocks."""
+
+    position: jax.Array  # [T·K] int32 slot of each row in buf [nb·bs]; nb·bs (outside buf) for padding ids
+    block_start: jax.Array  # [E] int32 first block of each expert
+    block_end: jax.Array  # [E] int32 one past its last block (= block_start when the expert has no rows)
+    num_blocks: int  # nb, the static bound (T·K + min(E, T·K)·(bs − 1)) // bs on Σ_e ceil(G_e / bs)
+
+
+def block_layout(expert: jax.Array, num_experts: int, block_size: int) -> BlockLayout:
+    """The block layout of the rows of `expert` (int, any shape, flattened row-major) for E = `num_experts`
+    experts and blocks of bs = `block_size` rows. Rows keep their order within an expert (a stable
+    argsort); ids outside [0, E) are padding and get no slot."""
+    flat = expert.reshape(-1)
+    r, e, bs = flat.shape[0], num_experts, block_size
+    key = jnp.where((flat >= 0) & (flat < e), flat, e).astype(jnp.int32)  # padding ids -> e
+    sizes = jnp.bincount(key, length=e + 1)[:e]  # G [E]
+    blocks = (sizes + bs - 1) // bs
+    block_end = jnp.cumsum(blocks).astype(jnp.int32)
+    block_start = block_end - blocks.astype(jnp.int32)
+    order = jnp.argsort(key, stable=True)  # [T·K] rows sorted by expert
+    sorted_key = key[order]
+    owner = jnp.minimum(sorted_key, e - 1)
+    rank = jnp.arange(r, dtype=jnp.int32) - (jnp.cumsum(sizes) - sizes).astype(jnp.int32)[owner]
+    num_blocks = (r + min(e, r) * (bs - 1)) // bs
+    slot = jnp.where(sorted_key < e, block_start[owner] * bs + rank, num_blocks * bs)
+    position = jnp.zeros(r, jnp.int32).at[order].set(slot)
+    return BlockLayout(position, block_start, block_end, num_blocks)
+
+
+def sorted_experts(
+    x: jax.Array,
+    expert: jax.Array,
+    w1: jax.Array,
+    w3: jax.Array,
+    w2: jax.Array,
+    *,
+    block_size: int = SORTED_BLOCK_SIZE,
+    limit: float | None = None,
+) -> jax.Array:
+    """Dropless: out[t, k] = FFN_{expert[t, k]}(x[t]) as float32 [T, K, D]; x [T, D], expert [T, K] int.
+
+    Tokens are gathered into buf[nb·bs, D] by `block_layout` (zero rows pad each expert to whole blocks of
+    bs = `block_size` rows), every expert multiplies its blocks in chunks (`_block_swiglu`), and each row's
+    result is gathered back from its slot. Padding ids (outside [0, E)) give zero rows.
+    """
+    t, k = expert.shape
+    dtype = x.dtype
+    layout = block_layout(expert, w1.shape[0], block_size)
+    token = jnp.arange(t * k, dtype=jnp.int32) // k
+    source = jnp.full((layout.num_blocks * block_size,), t, jnp.int32).at[layout.position].set(token, mode="drop")
+    buf = jnp.take(x, source, axis=0, mode="fill", fill_value=0)  # [nb·bs, D]; t = empty slot
+    w1, w3, w2 = (w.astype(dtype) for w in (w1, w3, w2))
+    out = _block_swiglu(buf, layout.block_start, layout.block_end, w1, w3, w2, block_size, limit)  # [nb·bs, D]
+    return jnp.take(out, layout.position, axis=0, mode="fill", fill_value=0).reshape(t, k, -1)
+
+
+def _mm(eqn: str, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    return jnp.einsum(eqn, lhs, rhs, preferred_element_type=jnp.float32)
+
+
+def _over_chunks(first, count, block_size, num_blocks, step, carry):
+    """carry = step(row, rows, carry) over the `count` blocks of an expert from block `first`, as chunks of
+    rows = c·bs for c in SORTED_CHUNKS, largest first (so at most one chunk of each size below the largest);
+    the first row `row` is traced, the chunk height `rows` static. Chunks of more than the `num_blocks`
+    blocks of the buffer cannot occur and are skipped (their slices would not fit in it)."""
+    for chunk in (c for c in SORTED_CHUNKS if c <= num_blocks):
+        n, rows = count // chunk, chunk * block_size
+
+        def one(j, carry, start=first * block_size, rows=rows):
+            return step(start + j * rows, rows, carry)
+
+        carry = jax.lax.fori_loop(0, n, one, carry)
+        first, count = first + n * chunk, count - n * chunk
+    return carry
+
+
+def _block_swiglu_loops(buf, block_start, block_end, w1, w3, w2, block_size, limit, save):
+    """out [nb·bs, D] float32 of `_block_swiglu` and, when `save`, (gate, up) [nb·bs, M] in the dtype of buf.
+
+    A scan over the experts (each expert's weights are sliced once) with loops over its chunks."""
+    n, d = buf.shape
+    m, dtype = w1.shape[-1], buf.dtype
+
+    def expert(carry, xs):
+        w1e, w3e, w2e, first, last = xs
+
+        def step(row, rows, carry):
+            xb = jax.lax.dynamic_slice_in_dim(buf, row, rows)  # [X, D]
+            gate = _mm("XD,DM->XM", xb, w1e).astype(dtype)
+            up = _mm("XD,DM->XM", xb, w3e).astype(dtype)
+            out = _mm("XM,MD->XD", swiglu(gate, up, limit), w2e)
+            new = (out, gate, up)[: len(carry)]
+            return tuple(jax.lax.dynamic_update_slice_in_dim(c, v, row, 0) for c, v in zip(carry, new, strict=True))
+
+        return _over_chunks(first, last - first, block_size, n // block_size, step, carry), None
+
+    carry = (jnp.zeros((n, d), jnp.float32),)
+    if save:
+        carry += (jnp.zeros((n, m), dtype), jnp.zeros((n, m), dtype))
+    return jax.lax.scan(expert, carry, (w1, w3, w2, block_start, block_end))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _block_swiglu(buf, block_start, block_end, w1, w3, w2, block_size, limit):
+    """out[chunk] = swiglu(buf[chunk] W1[e], buf[chunk] W3[e]) W2[e] (float32) over the blocks of each expert
+    e, [block_start[e], block_end[e]) (blocks of bs = `block_size` rows, multiplied in chunks by
+    `_over_chunks`); rows of other blocks are 0. buf [nb·bs, D] and the weights (W1, W3 [E, D, M],
+    W2 [E, M, D]) share one dtype; matmuls accumulate in float32.
+
+    Custom VJP: the backward runs the same loops and sums each expert's weight gradients over its chunks
+    in a float32 [D, M] carry (autodiff of the loop would keep one weight-sized gradient per chunk)."""
+    return _block_swiglu_loops(buf, block_start, block_end, w1, w3, w2, block_size, limit, save=False)[0]
+
+
+def _block_swiglu_fwd(buf, block_start, block_end, w1, w3, w2, block_size, limit):
+    out, gate, up = _block_swiglu_loops(buf, block_start, block_end, w1, w3, w2, block_size, limit, save=True)
+    return out, (buf, block_start, block_end, w1, w3, w2, gate, up)
+
+
+def _block_swiglu_bwd(block_size, limit, residuals, d_out):
+    buf, block_start, block_end, w1, w3, w2, gate, up = residuals
+    dtype, num_blocks = buf.dtype, buf.shape[0] // block_size
+
+    def expert(d_buf, xs):
+        w1e, w3e, w2e, first, last = xs
+
+        def step(row, rows, carry):
+            d_buf, d_w1, d_w3, d_w2 = carry
+            xb, gate_c, up_c = (jax.lax.dynamic_slice_in_dim(a, row, rows) for a in (buf, gate, up))
+            d_oc = jax.lax.dynamic_slice_in_dim(d_out, row, rows).astype(dtype)  # [X, D]
+            h, swiglu_vjp = jax.vjp(functools.partial(swiglu, limit=limit), gate_c, up_c)
+            d_gate, d_up = swiglu_vjp(_mm("XD,MD->XM", d_oc, w2e).astype(dtype))
+            d_xb = _mm("XM,DM->XD", d_gate, w1e) + _mm("XM,DM->XD", d_up, w3e)
+            d_buf = jax.lax.dynamic_update_slice_in_dim(d_buf, d_xb.astype(dtype), row, 0)
+            d_w1 = d_w1 + _mm("XD,XM->DM", xb, d_gate)
+            d_w3 = d_w3 + _mm("XD,XM->DM", xb, d_up)
+            d_w2 = d_w2 + _mm("XM,XD->MD", h, d_oc)
+            return d_buf, d_w1, d_w3, d_w2
+
+        zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w1e, w3e, w2e))
+        d_buf, *d_w = _over_chunks(first, last - first, block_size, num_blocks, step, (d_buf, *zeros))
+        return d_buf, tuple(g.astype(dtype) for g in d_w)
+
+    d_buf, (d_w1, d_w3, d_w2) = jax.lax.scan(expert, jnp.zeros_like(buf), (w1, w3, w2, block_start, block_end))
+    return d_buf, None, None, d_w1, d_w3, d_w2
+
+
+_block_swiglu.defvjp(_block_swiglu_fwd, _block_swiglu_bwd)
+
+
 def combine(rows: jax.Array, weights: jax.Array) -> jax.Array:
     """y[t] = Σ_k weights[t, k] · rows[t, k] in float32; rows [T, K, D], weights [T, K] -> [T, D]."""
     return jnp.einsum("TKD,TK->TD", rows.astype(jnp.float32), weights.astype(jnp.float32))
@@ -172,6 +342,23 @@ def capacity_dispatch(
     return combine(rows, weights).astype(x.dtype)
 
 
+def sorted_dispatch(
+    x: jax.Array,
+    indices: jax.Array,
+    weights: jax.Array,
+    w1: jax.Array,
+    w3: jax.Array,
+    w2: jax.Array,
+    *,
+    swiglu_limit: float | None = None,
+    block_size: int = SORTED_BLOCK_SIZE,
+) -> jax.Array:
+    """Dropless block-sorted routed experts (see `sorted_experts`); shapes as `ragged_dispatch`."""
+    _check(x, indices, weights, w1, w3, w2)
+    rows = sorted_experts(x, indices, w1, w3, w2, block_size=block_size, limit=swiglu_limit)
+    return combine(rows, weights).astype(x.dtype)
+
+
 def _check(x, indices, weights, w1, w3, w2) -> None:
     t, d = x.shape
     e, _, m = w1.shape
@@ -194,7 +381,10 @@ def _local_experts(impl: str, capacity_factor: float | None, limit: float | None
         slots = expert_capacity(expected_rows, w1.shape[0], capacity_factor, max_per_expert)
         return capacity_experts(x, expert, w1, w3, w2, capacity=slots, limit=limit)
 
-    return ragged if impl == "ragged" else capacity
+    def block_sorted(x, expert, w1, w3, w2, expected_rows, max_per_expert):
+        return sorted_experts(x, expert, w1, w3, w2, limit=limit)
+
+    return {"ragged": ragged, "capacity": capacity, "sorted": block_sorted}[impl]
 
 
 # ----------------------------------------------------------------- sharded dispatch
@@ -218,8 +408,9 @@ def routed_experts(
 
     Without a mesh (or without logical rules) this is the local dispatch. Under `sharding.use_mesh` it
     runs in `jax.shard_map`: tokens keep their ACT_BATCH sharding, weights their EXPERTS / EXPERT_MLP
-    sharding with D gathered. `impl` is 'ragged' | 'capacity' | 'auto'. With expert parallelism
-    (ep shards), capacity applies per shard to the rows it receives: X = ceil(factor · T_local·K / (E/ep)).
+    sharding with D gathered. `impl` is 'ragged' | 'capacity' | 'sorted' | 'auto'; `capacity_factor` is
+    used by 'capacity' only (the others are dropless). With expert parallelism (ep shards), capacity applies
+    per shard to the rows it receives: X = ceil(factor · T_local·K / (E/ep)).
     """
     _check(x, indices, weights, w1, w3, w2)
     local = _local_experts(resolve_impl(impl), capacity_factor, swiglu_limit)
