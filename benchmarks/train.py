@@ -267,7 +267,7 @@ def operation(op_name: str) -> str:
     skip = ("while", "body", "closed_call", "cond", "checkpoint", "Transformer.decode")
     parts = [p for p in op_name.split("/") if p not in skip and not p.startswith(("jit(", "jvp(", "transpose("))]
     parts = [p for p in parts if not re.fullmatch(r"(layers?_\d+|dense_layers|moe_layers|mtp_\d+)", p)]
-    return "/".join(parts)
+    return "/".join(parts) or "(no op_name)"
 
 
 def profile_step(run: JaxRun, batch: np.ndarray, trace_dir: str) -> tuple[float, dict[tuple[str, str, str], float]]:

@@ -288,6 +288,9 @@ def residual_gains(cfg: ModelConfig, params: dict[str, Any], tokens: jax.Array) 
     'backward': [2L]} (all ones for residual_mode 'none', whose maps are the identity).
     """
     _check_tokens(cfg, tokens)
+    if cfg.residual_mode == "none":  # the identity map at every site (and nothing is sown)
+        ones = np.ones(2 * cfg.num_hidden_layers)
+        return {"forward": ones, "backward": ones.copy()}
     combs = _site_combs(cfg, params, jnp.asarray(tokens, jnp.int32))
     gains = [jax.tree.map(lambda g: jnp.max(g), composite_gain(combs[s:])) for s in range(combs.shape[0])]
     return {"forward": np.array([float(g[0]) for g in gains]), "backward": np.array([float(g[1]) for g in gains])}
