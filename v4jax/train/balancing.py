@@ -45,10 +45,10 @@ def update_router_biases(
     if speed == 0:
         return params
     params = jax.tree.map(lambda x: x, params)  # new containers, same leaves
-    moe_layers = [i for i, kind in enumerate(layer_kinds(cfg)) if kind.ffn != "dense"]
+    moe_layers = [(i, kind.ffn) for i, kind in enumerate(layer_kinds(cfg)) if kind.ffn != "dense"]
     loads = aux["layers"].get("expert_load")
-    for row, layer in enumerate(moe_layers):
-        if layer_kinds(cfg)[layer].ffn == "hash_moe":
+    for row, (layer, ffn) in enumerate(moe_layers):
+        if ffn == "hash_moe":  # no learned bias
             continue
         group, repeat, sub = layer_location(cfg, layer)
         gate = _gate(params, (group,) + ((sub,) if sub else ()) + ("ffn", "gate"))
