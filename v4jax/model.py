@@ -32,8 +32,8 @@ from flax import traverse_util
 
 from v4jax import sharding as shd
 from v4jax.config import ModelConfig
-from v4jax.layers.attention_mla import MLA
-from v4jax.layers.attention_v4 import AttentionV4
+from v4jax.layers.attention_mla import MLA, empty_mla_cache
+from v4jax.layers.attention_v4 import AttentionV4, empty_v4_cache
 from v4jax.layers.linear import Embed, Projection, RMSNorm
 from v4jax.layers.mhc import INTERMEDIATES, HyperConnection, HyperHead, composite_gain, expand_streams
 from v4jax.layers.mlp import MLP
@@ -112,6 +112,31 @@ def layer_location(cfg: ModelConfig, index: int) -> tuple[str, int, str | None]:
     raise ValueError(f"layer index {index} is outside [0, num_hidden_layers={cfg.num_hidden_layers})")
 
 
+def empty_layer_cache(cfg: ModelConfig, kind: LayerKind, batch: int, max_length: int) -> dict[str, Any]:
+    """One decoder layer's inference cache before any token (the attention's state; FFNs keep none)."""
+    if kind.attention == "mla":
+        return empty_mla_cache(cfg, batch, max_length)
+    return empty_v4_cache(cfg, kind.attention, batch, max_length)
+
+
+def empty_cache(cfg: ModelConfig, batch: int, max_length: int) -> dict[str, Any]:
+    """The decoder's inference cache before any token: {group name: the group's layer caches stacked on a
+    leading `layers` axis (a tuple of them, one per period position, for groups of a 2-layer period)}.
+
+    Sequences of up to `max_length` tokens. See `Transformer.extend`.
+    """
+
+    def stacked(kind, repeats):
+        one = empty_layer_cache(cfg, kind, batch, max_length)
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats, *x.shape)), one)
+
+    caches = {}
+    for group in layer_groups(cfg):
+        per_kind = tuple(stacked(kind, group.repeats) for kind in group.period)
+        caches[group.name] = per_kind[0] if len(group.period) == 1 else per_kind
+    return caches
+
+
 class DecoderLayer(nn.Module):
     """One block: residual site + attention, residual site + FFN. Returns (streams, aux) so it can be scanned."""
 
@@ -120,19 +145,30 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(
-        self, streams: jax.Array, positions: jax.Array, token_ids: jax.Array | None
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        self,
+        streams: jax.Array,
+        positions: jax.Array,
+        token_ids: jax.Array | None,
+        cache: dict[str, Any] | None = None,
+        count: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any]:
         """streams [B,T,R,D], positions [B,T], token_ids [B,T] (hash-routed layers) -> (streams, aux).
 
         aux: the MoE's `expert_load` [E] and `balance_loss` [] (MoE layers), and the indexer's mean KL
         `indexer_kl` [] (layers with an indexer, in indexer training).
+        With a `cache` (`empty_layer_cache`), the tokens are new tokens appended to it (`count` [B] of them
+        real, see `MLA.extend` / `AttentionV4.extend`) and the second output is the updated cache instead.
         """
         c = self.cfg
         chex.assert_rank(streams, 4)
         hc_attn, hc_ffn = HyperConnection(c, name="hc_attn"), HyperConnection(c, name="hc_ffn")
         x_in, post, comb = hc_attn.pre(streams)
         attn = MLA(c, name="attn") if self.kind.attention == "mla" else AttentionV4(c, self.kind.attention, name="attn")
-        out, indexer_kl = attn.attend(RMSNorm(c, c.hidden_size, name="attn_norm")(x_in), positions)
+        h = RMSNorm(c, c.hidden_size, name="attn_norm")(x_in)
+        if cache is None:
+            out, indexer_kl = attn.attend(h, positions)
+        else:
+            (out, cache), indexer_kl = attn.extend(h, positions, count, cache), None
         streams = hc_attn.post(out, streams, post, comb)
         x_in, post, comb = hc_ffn.pre(streams)
         h = RMSNorm(c, c.hidden_size, name="ffn_norm")(x_in)
@@ -142,7 +178,7 @@ class DecoderLayer(nn.Module):
             y, aux = MoE(c, hash_routed=self.kind.ffn == "hash_moe", name="ffn")(h, token_ids)
         if indexer_kl is not None:
             aux = {**aux, "indexer_kl": jnp.mean(indexer_kl)}
-        return hc_ffn.post(y, streams, post, comb), aux
+        return hc_ffn.post(y, streams, post, comb), (aux if cache is None else cache)
 
 
 class LayerPeriod(nn.Module):
@@ -152,12 +188,15 @@ class LayerPeriod(nn.Module):
     period: tuple[LayerKind, ...]
 
     @nn.compact
-    def __call__(self, streams: jax.Array, positions: jax.Array, token_ids: jax.Array | None):
-        auxes = []
+    def __call__(self, streams, positions, token_ids, caches: tuple[Any, ...] | None = None, count=None):
+        """As `DecoderLayer`, with one cache per layer of the period (a tuple) and a tuple of outputs."""
+        outs = []
         for j, kind in enumerate(self.period):
-            streams, aux = DecoderLayer(self.cfg, kind, name=f"layer_{j}")(streams, positions, token_ids)
-            auxes.append(aux)
-        return streams, tuple(auxes)
+            cache = None if caches is None else caches[j]
+            layer = DecoderLayer(self.cfg, kind, name=f"layer_{j}")
+            streams, out = layer(streams, positions, token_ids, cache, count)
+            outs.append(out)
+        return streams, tuple(outs)
 
 
 def scanned_group(cfg: ModelConfig, group: LayerGroup) -> nn.Module:
@@ -172,7 +211,7 @@ def scanned_group(cfg: ModelConfig, group: LayerGroup) -> nn.Module:
         block,
         variable_axes={"params": 0, CONSTANTS: 0, INTERMEDIATES: 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),  # positions, token_ids, cache, count
         length=group.repeats,
         metadata_params={nn.PARTITION_NAME: shd.LAYERS},
     )
@@ -250,9 +289,26 @@ class Transformer(nn.Module):
         chex.assert_shape(positions, embeds.shape[:2])
         streams, outputs = expand_streams(embeds, c), []
         for layer in self.layers:
-            streams, out = layer(streams, positions, token_ids)
+            streams, out = layer(streams, positions, token_ids, None, None)
             outputs.append(out)
         return streams, _per_layer_aux(self.groups, outputs)
+
+    def extend(
+        self, embeds: jax.Array, positions: jax.Array, token_ids: jax.Array, count: jax.Array, cache: dict[str, Any]
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """Run the decoder on new tokens appended to `cache` (`empty_cache`): prefill chunks and decoding.
+
+        embeds [B,T,D] at positions [B,T] = start[b] + 0..T-1 (start[b]: tokens row b has cached), token_ids
+        [B,T], count [B]: how many of the T are real (a ragged batch pads the rest, which are not cached).
+        Returns (streams [B,T,R,D], the cache after start[b] + count[b] tokens).
+        """
+        c = self.cfg
+        chex.assert_shape(embeds, (None, None, c.hidden_size))
+        chex.assert_shape([positions, token_ids], embeds.shape[:2])
+        streams, new_cache = expand_streams(embeds, c), {}
+        for group, layer in zip(self.groups, self.layers, strict=True):
+            streams, new_cache[group.name] = layer(streams, positions, token_ids, cache[group.name], count)
+        return streams, new_cache
 
     def logits(self, streams: jax.Array) -> jax.Array:
         """float32 logits [B,T,V] from the decoder's streams [B,T,R,D] (HyperHead, final norm, head)."""

@@ -19,6 +19,10 @@
   indexer training (cfg.indexer_training): per query, KL(Σ_N probs ‖ softmax(score)) over the attended keys
     (`dsa.indexer_kl`); 'dense_warmup' attends every visible key, 'sparse' the top-k. `attend` returns it.
 
+Decoding (`extend`): the cache (`empty_mla_cache`) holds per token only c_kv [C] and k_rope [P] (and the
+V3.2 indexer key [J]), position-indexed; new tokens are written at their positions and attend in the
+absorbed form over the whole cache under the causal mask.
+
 σ = qk_head_dim^-1/2 (× YaRN mscale²). Softmax in float32. Queries are processed in chunks of
 `q_chunk` tokens so the score tensor is [B, q_chunk, N, S], not [B, T, N, S]; the indexer scores and the
 top-k are computed per chunk too ([B, q_chunk, I, S]).
@@ -36,12 +40,12 @@ from flax import linen as nn
 
 from v4jax import sharding as shd
 from v4jax.config import ModelConfig
+from v4jax.layers import cache_ops
 from v4jax.layers.dsa import Indexer, index_scores, indexer_kl, topk_mask
 from v4jax.layers.linear import Projection, RMSNorm
 from v4jax.layers.rope import apply_rope, rope_angles
 
 Q_CHUNK = 1024
-
 
 
 class IndexSelection(NamedTuple):
@@ -102,6 +106,31 @@ def latent_attention(
     return map_query_chunks(one_chunk, q_positions.shape[1], q_chunk)
 
 
+def empty_mla_cache(cfg: ModelConfig, batch: int, max_length: int) -> dict[str, jax.Array]:
+    """An MLA layer's decoding state before any token (see `MLA.extend`)."""
+    c = cfg
+    cache = {
+        "c_kv": jnp.zeros((batch, max_length, c.kv_lora_rank), c.compute_dtype),
+        "k_rope": jnp.zeros((batch, max_length, c.qk_rope_head_dim), c.compute_dtype),
+    }
+    if c.index_n_heads:
+        cache["index_k"] = jnp.zeros((batch, max_length, c.index_head_dim), c.compute_dtype)
+    return cache
+
+
+def index_score_fn(q_idx: jax.Array, w_idx: jax.Array, q_positions: jax.Array, k_idx: jax.Array, kv_positions):
+    """`(start, size) -> float32 [B, size, S]`: causal indexer scores of the query chunk [start, start+size).
+
+    q_idx [B,T,I,J], w_idx [B,T,I] at q_positions [B,T]; keys k_idx [B,S,J] at kv_positions [B,S].
+    """
+
+    def scores(start, size):
+        qs, ws, qp = (jax.lax.dynamic_slice_in_dim(a, start, size, axis=1) for a in (q_idx, w_idx, q_positions))
+        return index_scores(qs, ws, k_idx, causal_mask(qp, kv_positions))
+
+    return scores
+
+
 class MLA(nn.Module):
     """MLA self-attention. `__call__` uses the naive form, `absorbed` the latent-space form.
 
@@ -149,17 +178,6 @@ class MLA(nn.Module):
         k_rope = apply_rope(kv_a[..., c.kv_lora_rank :], cos, sin, c.rope_interleave)
         return c_kv, k_rope
 
-    def _index_score_fn(self, x, c_q, cos, sin, positions):
-        """`(start, size) -> float32 [B, size, S]` indexer scores of self-attention over x, per query chunk."""
-        q_idx, w_idx = self.indexer.queries(x, c_q, cos, sin)
-        k_idx = self.indexer.keys(x, cos, sin)
-
-        def scores(start, size):
-            qs, ws, qpos = (jax.lax.dynamic_slice_in_dim(a, start, size, axis=1) for a in (q_idx, w_idx, positions))
-            return index_scores(qs, ws, k_idx, causal_mask(qpos, positions))
-
-        return scores
-
     def selection(
         self, x: jax.Array, c_q: jax.Array | None, cos: jax.Array, sin: jax.Array, positions: jax.Array
     ) -> IndexSelection | None:
@@ -175,7 +193,8 @@ class MLA(nn.Module):
         training = c.indexer_training is not None
         if training:
             x, c_q = jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q)
-        score_fn = self._index_score_fn(x, c_q, cos, sin, positions)
+        q_idx, w_idx = self.indexer.queries(x, c_q, cos, sin)
+        score_fn = index_score_fn(q_idx, w_idx, positions, self.indexer.keys(x, cos, sin), positions)
         dense = c.indexer_training == "dense_warmup" or c.index_topk >= positions.shape[1]
         if dense and not training:
             return None
@@ -240,6 +259,40 @@ class MLA(nn.Module):
         out = self.wo("BTNA,NAD->BTD", o)
         chex.assert_shape(out, x.shape)
         return out
+
+    def extend(
+        self, x: jax.Array, positions: jax.Array, count: jax.Array, cache: dict[str, jax.Array]
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Absorbed attention from new tokens over the latent cache, after appending them.
+
+        x [B,T,D] at positions [B,T] = start[b] + 0..T-1, of which the first count[b] are real (the rest,
+        a ragged batch's padding, are not cached). The cache (`empty_mla_cache`) is position-indexed [B, S, .]:
+        c_kv [B,S,C] and k_rope [B,S,P] (nothing expanded per head), and index_k [B,S,J] with the indexer.
+        Returns (out [B,T,D], the cache).
+        """
+        c = self.cfg
+        b, t, _ = x.shape
+        chex.assert_shape(count, (b,))
+        s = cache["c_kv"].shape[1]
+        cos, sin, q_nope, q_rope, c_q, c_kv, k_rope = self._projections(x, positions)
+        keep = cache_ops.valid_tokens(count, t)
+        cache = {
+            **cache,
+            "c_kv": cache_ops.write_at(cache["c_kv"], c_kv, positions, keep),
+            "k_rope": cache_ops.write_at(cache["k_rope"], k_rope, positions, keep),
+        }
+        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=positions.dtype), (b, s))
+        selection = None
+        if c.index_n_heads:
+            cache["index_k"] = cache_ops.write_at(cache["index_k"], self.indexer.keys(x, cos, sin), positions, keep)
+            if c.index_topk < s:
+                q_idx, w_idx = self.indexer.queries(x, c_q, cos, sin)
+                scores = index_score_fn(q_idx, w_idx, positions, cache["index_k"], kv_positions)
+                selection = IndexSelection(scores, c.index_topk, False)
+        o = self.attend_latent(q_nope, q_rope, positions, cache["c_kv"], cache["k_rope"], kv_positions, selection)
+        out = self.wo("BTNA,NAD->BTD", o)
+        chex.assert_shape(out, x.shape)
+        return out, cache
 
     def attend_latent(
         self,

@@ -49,7 +49,12 @@ projections in `cfg.dtype` with float32 accumulation. The indexer's parameters g
 output (only its top-k indices are used), as in HF. In indexer training (`cfg.indexer_training`) `attend`
 also returns the indexer's per-query KL toward the heads' summed attention on the entries it could pick
 (`dsa.indexer_kl`: the selected entries, or every visible entry in 'dense_warmup'), with the indexer's
-inputs detached. Not here: caches / decoding, padding masks.
+inputs detached.
+
+Decoding (`extend`): new tokens at positions start[b] + 0..T-1 attend over the cached state (`empty_v4_cache`:
+the window ring, the compressors' entries and pending / overlap buffers, the CSA indexer keys) and are
+appended to it; the windows, entries and visibility rules above are the same, so chunked prefill and
+token-by-token decoding reproduce the full forward (HF's `DeepseekV4{HCA,CSA}Cache` keep the same state).
 
 Sharding: wq_b[Q, N_heads, C], attn_sink[N_heads]; the single K=V head and the entries are replicated over
 heads; wo_a[O, H, A] / wo_b[O, A, D] use the logical names `o_groups` / `o_lora` (unsharded in every preset),
@@ -58,6 +63,8 @@ the indexer's heads `index_heads` (likewise), so `tensor` splits only N.
 
 from __future__ import annotations
 
+from typing import Any
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -65,7 +72,8 @@ from flax import linen as nn
 
 from v4jax import sharding as shd
 from v4jax.config import LAYER_TYPES, ModelConfig
-from v4jax.layers.compressor import Compressor, Indexer, top_k_entries, v4_rope
+from v4jax.layers import cache_ops
+from v4jax.layers.compressor import Compressor, Indexer, empty_compressor_state, top_k_entries, v4_rope
 from v4jax.layers.dsa import index_scores, indexer_kl
 from v4jax.layers.linear import Projection, RMSNorm, rms_norm
 from v4jax.layers.rope import apply_trailing_rope, rope_cos_sin
@@ -84,6 +92,18 @@ def sink_softmax(scores: jax.Array, sink: jax.Array) -> jax.Array:
     sink = jnp.broadcast_to(sink.astype(jnp.float32)[None, None, :, None], (b, t, n, 1))
     probs = jax.nn.softmax(jnp.concatenate([scores.astype(jnp.float32), sink], axis=-1), axis=-1)
     return probs[..., :-1]
+
+
+def empty_v4_cache(cfg: ModelConfig, layer_type: str, batch: int, max_length: int) -> dict[str, Any]:
+    """A V4 layer's decoding state before any token (see `AttentionV4.extend`)."""
+    c = cfg
+    cache = {"window": jnp.zeros((batch, c.sliding_window, c.head_dim), c.compute_dtype)}
+    if layer_type == HCA:
+        cache["compressor"] = empty_compressor_state(c, c.compress_rate_hca, c.head_dim, False, batch, max_length)
+    if layer_type == CSA:
+        cache["compressor"] = empty_compressor_state(c, c.compress_rate_csa, c.head_dim, True, batch, max_length)
+        cache["indexer"] = empty_compressor_state(c, c.compress_rate_csa, c.index_head_dim, True, batch, max_length)
+    return cache
 
 
 class AttentionV4(nn.Module):
@@ -118,12 +138,14 @@ class AttentionV4(nn.Module):
         """x [B,T,D], positions [B,T] (0..T-1) -> [B,T,D]."""
         return self.attend(x, positions)[0]
 
-    def attend(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """x [B,T,D], positions [B,T] (0..T-1) -> (out [B,T,D], the indexer's KL float32 [B,T] on CSA layers in
-        indexer training, else None)."""
+    @property
+    def rate(self) -> int:
+        return self.cfg.compress_rate_hca if self.layer_type == HCA else self.cfg.compress_rate_csa
+
+    def _inputs(self, x: jax.Array, positions: jax.Array):
+        """(cos, sin, c^Q [B,T,Q], q [B,T,N,C], kv [B,T,C]) of x [B,T,D] at positions [B,T]."""
         c = self.cfg
         b, t, _ = x.shape
-        n, hd, w = c.num_attention_heads, c.head_dim, c.sliding_window
         chex.assert_shape(x, (b, t, c.hidden_size))
         chex.assert_shape(positions, (b, t))
         cos, sin = rope_cos_sin(positions, *v4_rope(c, compressed=self.layer_type != SLIDING))
@@ -133,75 +155,142 @@ class AttentionV4(nn.Module):
         q = shd.constrain(q, (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_HEADS, None))
         kv = apply_trailing_rope(self.kv_norm(self.wkv("BTD,DC->BTC", x)), cos, sin)
         kv = shd.constrain(kv, (shd.ACT_BATCH, shd.ACT_KV_LENGTH, None))
+        return cos, sin, q_latent, q, kv
 
+    def _indexer_queries(self, x: jax.Array, q_latent: jax.Array, positions: jax.Array):
+        """The CSA indexer's (q^I, w), with detached inputs in indexer training."""
+        if self.cfg.indexer_training is not None:
+            x, q_latent = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent)
+        return self.indexer.queries(x, q_latent, positions)
+
+    def attend(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """x [B,T,D], positions [B,T] (0..T-1) -> (out [B,T,D], the indexer's KL float32 [B,T] on CSA layers in
+        indexer training, else None)."""
+        w = self.cfg.sliding_window
+        cos, sin, q_latent, q, kv = self._inputs(x, positions)
+        keys = jnp.pad(kv, ((0, 0), (w - 1, 0), (0, 0)))  # [B, W-1+T, C]; key row r is at position r-(W-1)
+        key_pos = jnp.pad(positions, ((0, 0), (w - 1, 0)), constant_values=-_FAR)
+        entries = index = None
+        if self.layer_type != SLIDING:
+            entries = self.compressor(x)  # [B, Y, C]
+        if self.layer_type == CSA:
+            training = self.cfg.indexer_training is not None
+            ikeys = self.indexer.compressor(jax.lax.stop_gradient(x) if training else x)
+            index = (*self._indexer_queries(x, q_latent, positions), ikeys)
+        o, kl = self._attend(q, positions, keys, key_pos, entries, index)
+        return self._output(o, cos, sin), kl
+
+    def extend(
+        self, x: jax.Array, positions: jax.Array, count: jax.Array, cache: dict[str, Any]
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """Attend from new tokens over the cached state and append them: chunked prefill and decoding.
+
+        x [B,T,D] at positions [B,T] = start[b] + 0..T-1, of which the first count[b] are real (the rest
+        are a ragged batch's padding: their outputs are meaningless and they are not cached). The cache
+        (`empty_v4_cache`) holds
+          window      [B, W, C]  the last W tokens' K=V vectors, ring by position mod W
+          compressor  `CompressorState` of the entries (HCA, CSA);  indexer  the same for the indexer keys (CSA)
+        Returns (out [B,T,D], the cache after start[b] + count[b] tokens).
+        """
+        w = self.cfg.sliding_window
+        b, t, _ = x.shape
+        start = positions[:, 0]
+        chex.assert_shape(count, (b,))
+        cos, sin, q_latent, q, kv = self._inputs(x, positions)
+        keys = jnp.concatenate([cache_ops.ring_in_order(cache["window"], start), kv.astype(cache["window"].dtype)], 1)
+        key_pos = start[:, None] - w + jnp.arange(w + t)[None, :]  # [B, W+T]
+        end = start + count
+        new_cache = {"window": cache_ops.latest_ring(keys, start - w, end, w)}
+        key_pos = jnp.where(key_pos < 0, -_FAR, key_pos)
+        entries = index = None
+        if self.layer_type != SLIDING:
+            new_cache["compressor"] = self.compressor.extend(x, start, count, cache["compressor"])
+            entries = new_cache["compressor"].entries
+        if self.layer_type == CSA:
+            new_cache["indexer"] = self.indexer.compressor.extend(x, start, count, cache["indexer"])
+            index = (*self._indexer_queries(x, q_latent, positions), new_cache["indexer"].entries)
+        o, _ = self._attend(q, positions, keys[:, 1:], key_pos[:, 1:], entries, index)
+        return self._output(o, cos, sin), new_cache
+
+    def _attend(self, q, q_positions, keys, key_positions, entries, index):
+        """Sink attention of queries q [B,T,N,C] at q_positions [B,T] over their windows and the entries.
+
+        keys [B, W-1+T, C] at key_positions [B, W-1+T]: query t's window lies in rows t .. t+W-1 (the W-1
+        rows before the first query, then one row per query). entries [B,Y,C] or None (sliding layers);
+        index: (q^I [B,T,I,J], w [B,T,I], k^I [B,Y,J]) on CSA layers. Returns (o [B,T,N,C] float32, KL).
+        """
+        c = self.cfg
+        b, t, n, hd = q.shape
+        w = c.sliding_window
+        chex.assert_shape(keys, (b, w - 1 + t, hd))
         chunk = min(self.q_chunk, t)
         padded = -(-t // chunk) * chunk
         pad_t = ((0, 0), (0, padded - t))
-        q_pos = jnp.pad(positions, pad_t, mode="edge")
+        q_pos = jnp.pad(q_positions, pad_t, mode="edge")
         q = jnp.pad(q, pad_t + ((0, 0), (0, 0)))
-        kv_window = jnp.pad(kv, ((0, 0), (w - 1, padded - t), (0, 0)))  # [B, W-1+T', C]
-        kv_pos = jnp.pad(positions, ((0, 0), (w - 1, 0)), constant_values=-_FAR)
-        kv_pos = jnp.pad(kv_pos, pad_t, constant_values=_FAR)
-        entries = self.compressor(x) if self.layer_type != SLIDING else None  # [B, Y, C]
+        keys = jnp.pad(keys, pad_t + ((0, 0),))
+        key_positions = jnp.pad(key_positions, pad_t, constant_values=_FAR)
         training = self.layer_type == CSA and c.indexer_training is not None
         dense_entries = self.layer_type == HCA or c.indexer_training == "dense_warmup"
-        if self.layer_type == CSA:
-            if training:
-                iq, iw, ikeys = self.indexer(jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent), positions)
-            else:
-                iq, iw, ikeys = self.indexer(x, q_latent, positions)
+        if index is not None:
+            iq, iw, ikeys = index
             iq = jnp.pad(iq, pad_t + ((0, 0), (0, 0)))
             iw = jnp.pad(iw, pad_t + ((0, 0),))
         scale = hd**-0.5
         dt = c.compute_dtype
         sink = self.attn_sink
+        rate = self.rate
 
         def one_chunk(start):
             qc = jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=1)  # [B, c, N, C]
             qp = jax.lax.dynamic_slice_in_dim(q_pos, start, chunk, axis=1)[:, :, None]  # [B, c, 1]
-            keys = jax.lax.dynamic_slice_in_dim(kv_window, start, chunk + w - 1, axis=1)  # [B, c+W-1, C]
-            kp = jax.lax.dynamic_slice_in_dim(kv_pos, start, chunk + w - 1, axis=1)[:, None, :]
-            s = jnp.einsum("BTNC,BSC->BTNS", qc, keys, preferred_element_type=jnp.float32) * scale
+            kc = jax.lax.dynamic_slice_in_dim(keys, start, chunk + w - 1, axis=1)  # [B, c+W-1, C]
+            kp = jax.lax.dynamic_slice_in_dim(key_positions, start, chunk + w - 1, axis=1)[:, None, :]
+            s = jnp.einsum("BTNC,BSC->BTNS", qc, kc, preferred_element_type=jnp.float32) * scale
             s = jnp.where(((kp <= qp) & (kp > qp - w))[:, :, None, :], s, -jnp.inf)
             if entries is None or entries.shape[1] == 0:
                 p = sink_softmax(s, sink).astype(dt)
-                o = jnp.einsum("BTNS,BSC->BTNC", p, keys, preferred_element_type=jnp.float32)
+                o = jnp.einsum("BTNS,BSC->BTNC", p, kc, preferred_element_type=jnp.float32)
                 return o, (jnp.zeros(qp.shape[:2], jnp.float32) if training else None)
-            rate = c.compress_rate_hca if self.layer_type == HCA else c.compress_rate_csa
-            if self.layer_type == CSA:
+            if index is not None:
                 iqc = jax.lax.dynamic_slice_in_dim(iq, start, chunk, axis=1)
                 iwc = jax.lax.dynamic_slice_in_dim(iw, start, chunk, axis=1)
-                index = index_scores(iqc, iwc, ikeys)  # [B, c, Y]
+                scores = index_scores(iqc, iwc, ikeys)  # [B, c, Y]
             if dense_entries:
                 values = entries
                 s_e = jnp.einsum("BTNC,BYC->BTNY", qc, entries, preferred_element_type=jnp.float32) * scale
                 visible = jnp.arange(entries.shape[1]) < (qp + 1) // rate  # [B, c, Y]
                 e_eqn = "BTNY,BYC->BTNC"
             else:
-                idx = top_k_entries(index, qp[..., 0], rate, c.index_topk)
+                idx = top_k_entries(scores, qp[..., 0], rate, c.index_topk)
                 values = jax.vmap(lambda e, i: e[i])(entries, jnp.maximum(idx, 0))  # [B, c, U, C]
                 s_e = jnp.einsum("BTNC,BTUC->BTNU", qc, values, preferred_element_type=jnp.float32) * scale
                 visible = idx >= 0  # [B, c, U]
                 e_eqn = "BTNU,BTUC->BTNC"
-                index = jnp.take_along_axis(index, jnp.maximum(idx, 0), axis=-1)  # [B, c, U]
+                scores = jnp.take_along_axis(scores, jnp.maximum(idx, 0), axis=-1)  # [B, c, U]
             s_e = jnp.where(visible[:, :, None, :], s_e, -jnp.inf)
             p = sink_softmax(jnp.concatenate([s, s_e], axis=-1), sink)
             p_w, p_e = p[..., : s.shape[-1]].astype(dt), p[..., s.shape[-1] :]
-            o = jnp.einsum("BTNS,BSC->BTNC", p_w, keys, preferred_element_type=jnp.float32)
+            o = jnp.einsum("BTNS,BSC->BTNC", p_w, kc, preferred_element_type=jnp.float32)
             o += jnp.einsum(e_eqn, p_e.astype(dt), values, preferred_element_type=jnp.float32)
-            return o, (indexer_kl(index, p_e.sum(2), visible) if training else None)
+            return o, (indexer_kl(scores, p_e.sum(2), visible) if training else None)
 
         if chunk == padded:
             o, kl = one_chunk(0)
         else:
             outs = jax.lax.map(one_chunk, jnp.arange(0, padded, chunk))  # [T'/c, B, c, ...]
             o, kl = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1).reshape(b, padded, *a.shape[3:]), outs)
-        kl = None if kl is None else kl[:, :t]
-        o = apply_trailing_rope(o[:, :t].astype(dt), cos, -sin)
+        return o[:, :t], (None if kl is None else kl[:, :t])
+
+    def _output(self, o: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """The inverse rope at the query positions and the grouped output projection: o [B,T,N,C] -> [B,T,D]."""
+        c = self.cfg
+        b, t, n, hd = o.shape
+        o = apply_trailing_rope(o.astype(c.compute_dtype), cos, -sin)
         o = shd.constrain(o, (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_HEADS, None))
         # group-major for the grouped projection: XLA:CPU cannot run 'BTOH,OHA->BTOA' as a bf16 dot with
         # float32 accumulation (DotThunk), 'OBTH,OHA->OBTA' it can
         o = jnp.moveaxis(o.reshape(b, t, c.o_groups, n * hd // c.o_groups), 2, 0)  # [O, B, T, H]
         out = self.wo_b("OBTA,OAD->BTD", self.wo_a("OBTH,OHA->OBTA", o))
         chex.assert_shape(out, (b, t, c.hidden_size))
-        return out, kl
+        return out

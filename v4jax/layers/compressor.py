@@ -36,6 +36,8 @@ non-rope channels and the Hadamard + FP4 simulation of the indexer's q/k are not
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,7 @@ from flax import linen as nn
 
 from v4jax import sharding as shd
 from v4jax.config import ModelConfig
+from v4jax.layers import cache_ops
 from v4jax.layers.linear import Projection, RMSNorm
 from v4jax.layers.rope import apply_trailing_rope, rope_cos_sin, rope_frequencies, yarn_attention_factor
 
@@ -62,6 +65,37 @@ def v4_rope(cfg: ModelConfig, compressed: bool) -> tuple[np.ndarray, float]:
     return rope_frequencies(cfg.qk_rope_head_dim, cfg.compress_rope_theta, y), scale
 
 
+class CompressorState(NamedTuple):
+    """What a compressor keeps between calls (one cache row per sequence; `v4jax.layers.cache_ops`).
+
+    entries      [B, Y, dim]  compute dtype  entry i (window [i·m, (i+1)·m)) once that window is complete
+    pending_kv   [B, m, width] float32  projections of the tokens of the incomplete window (ring by position
+    pending_gate [B, m, width] float32  mod m; gate without `ape`); width = coff·dim
+    overlap_kv   [B, m, dim]  float32  overlap only: the low half of the last complete window, which the
+    overlap_gate [B, m, dim]  float32  next entry pools (HF `overlap_kv`); empty [B, 0, dim] without overlap
+    """
+
+    entries: jax.Array
+    pending_kv: jax.Array
+    pending_gate: jax.Array
+    overlap_kv: jax.Array
+    overlap_gate: jax.Array
+
+
+def empty_compressor_state(
+    cfg: ModelConfig, rate: int, dim: int, overlap: bool, batch: int, max_length: int
+) -> CompressorState:
+    """A compressor's state before any token, for sequences of up to `max_length` tokens."""
+    f32, width = jnp.float32, (2 if overlap else 1) * dim
+    return CompressorState(
+        entries=jnp.zeros((batch, max_length // rate, dim), cfg.compute_dtype),
+        pending_kv=jnp.zeros((batch, rate, width), f32),
+        pending_gate=jnp.zeros((batch, rate, width), f32),
+        overlap_kv=jnp.zeros((batch, rate if overlap else 0, dim), f32),
+        overlap_gate=jnp.zeros((batch, rate if overlap else 0, dim), f32),
+    )
+
+
 class Compressor(nn.Module):
     """Pools every complete window of `rate` tokens into one normalised, roped entry of width `dim`."""
 
@@ -70,36 +104,106 @@ class Compressor(nn.Module):
     dim: int
     overlap: bool
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, D] -> entries [B, ⌊T/rate⌋, dim] in the compute dtype."""
-        c, m, dim = self.cfg, self.rate, self.dim
-        b, t, _ = x.shape
-        chex.assert_shape(x, (b, t, c.hidden_size))
-        width = (2 if self.overlap else 1) * dim
-        ape = self.param(
-            "ape", nn.with_logical_partitioning(nn.initializers.zeros, (None, shd.HEAD_DIM)), (m, width), jnp.float32
-        )
-        wkv = Projection(c, (c.hidden_size, width), (shd.EMBED, shd.HEAD_DIM), name="wkv")
-        wgate = Projection(c, (c.hidden_size, width), (shd.EMBED, shd.HEAD_DIM), name="wgate")
-        norm = RMSNorm(c, dim, name="norm")
-        y = t // m
-        used = x[:, : y * m]
-        kv = wkv("BTD,DC->BTC", used).astype(jnp.float32).reshape(b, y, m, width)  # [B, Y, m, coff·C]
-        gate = wgate("BTD,DC->BTC", used).astype(jnp.float32).reshape(b, y, m, width) + ape
-        if self.overlap:  # window i-1's low half, shifted by one window; (0, -inf) before window 0
-            first_kv = jnp.zeros((b, 1, m, dim), jnp.float32)
-            first_gate = jnp.full((b, 1, m, dim), -jnp.inf, jnp.float32)
-            prev_kv = jnp.concatenate([first_kv, kv[..., :dim]], axis=1)[:, :y]  # [B, Y, m, C]
-            prev_gate = jnp.concatenate([first_gate, gate[..., :dim]], axis=1)[:, :y]
-            kv = jnp.concatenate([prev_kv, kv[..., dim:]], axis=2)  # [B, Y, 2m, C]
+    def setup(self):
+        c = self.cfg
+        width = self.width
+        self.ape = self.param(
+            "ape", nn.with_logical_partitioning(nn.initializers.zeros, (None, shd.HEAD_DIM)), (self.rate, width),
+            jnp.float32,
+        )  # fmt: skip
+        self.wkv = Projection(c, (c.hidden_size, width), (shd.EMBED, shd.HEAD_DIM))
+        self.wgate = Projection(c, (c.hidden_size, width), (shd.EMBED, shd.HEAD_DIM))
+        self.norm = RMSNorm(c, self.dim)
+
+    @property
+    def width(self) -> int:
+        return (2 if self.overlap else 1) * self.dim
+
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(kv, gate without ape), each float32 [B, T, width], of x [B, T, D]."""
+        chex.assert_shape(x, (None, None, self.cfg.hidden_size))
+        return self.wkv("BTD,DC->BTC", x).astype(jnp.float32), self.wgate("BTD,DC->BTC", x).astype(jnp.float32)
+
+    def _pool(self, kv, gate, prev_kv, prev_gate, index) -> jax.Array:
+        """Entries [B, K, dim] of K windows: kv/gate [B, K, m, width] (gate without ape), the previous
+        windows' low halves prev_kv/prev_gate [B, K, m, dim] (overlap only; rows with index 0 are ignored),
+        window indices index [B, K]."""
+        b, k = index.shape
+        m, dim = self.rate, self.dim
+        gate = gate + self.ape
+        if self.overlap:
+            first = (index == 0)[:, :, None, None]
+            prev_kv = jnp.where(first, 0.0, prev_kv)
+            prev_gate = jnp.where(first, -jnp.inf, prev_gate + self.ape[:, :dim])
+            kv = jnp.concatenate([prev_kv, kv[..., dim:]], axis=2)  # [B, K, 2m, C]
             gate = jnp.concatenate([prev_gate, gate[..., dim:]], axis=2)
-        pooled = jnp.sum(jax.nn.softmax(gate, axis=2) * kv, axis=2)  # [B, Y, C]
-        inv_freq, scale = v4_rope(c, compressed=True)
-        cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(y) * m, (b, y)), inv_freq, scale)
-        entries = apply_trailing_rope(norm(pooled), cos, sin)
-        chex.assert_shape(entries, (b, y, dim))
+        pooled = jnp.sum(jax.nn.softmax(gate, axis=2) * kv, axis=2)  # [B, K, C]
+        cos, sin = rope_cos_sin(index * m, *v4_rope(self.cfg, compressed=True))
+        entries = apply_trailing_rope(self.norm(pooled), cos, sin)
+        chex.assert_shape(entries, (b, k, dim))
         return entries
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] (positions 0..T-1) -> entries [B, ⌊T/rate⌋, dim] in the compute dtype."""
+        m, dim = self.rate, self.dim
+        b, t, _ = x.shape
+        y = t // m
+        kv, gate = self._project(x[:, : y * m])
+        kv, gate = kv.reshape(b, y, m, self.width), gate.reshape(b, y, m, self.width)  # [B, Y, m, coff·C]
+        # window i-1's low half, shifted by one window (window 0's is ignored)
+        prev_kv = jnp.concatenate([jnp.zeros_like(kv[:, :1, :, :dim]), kv[:, :-1, :, :dim]], axis=1)
+        prev_gate = jnp.concatenate([jnp.zeros_like(gate[:, :1, :, :dim]), gate[:, :-1, :, :dim]], axis=1)
+        return self._pool(kv, gate, prev_kv, prev_gate, jnp.broadcast_to(jnp.arange(y), (b, y)))
+
+    def extend(self, x: jax.Array, start: jax.Array, count: jax.Array, state: CompressorState) -> CompressorState:
+        """Append the first count[b] of the tokens x [B, T, D] (positions start[b] + 0..T-1) to the state.
+
+        Every window completed by them is pooled into `entries` (at index ⌊p/m⌋), the pending ring and
+        the overlap state move on. The same entries as `__call__` over the whole sequence.
+        """
+        m, dim = self.rate, self.dim
+        b, t, _ = x.shape
+        chex.assert_shape([start, count], (b,))
+        kv, gate = self._project(x)
+        pad = -(-t // m) * m - t
+        first = start - start % m  # position of the first token of the incomplete window
+        k = m + t + pad
+        rows = jnp.arange(k)[None, :]  # ordered row r holds position first + r
+        held = start - first  # [B] pending tokens
+        source = jnp.where(rows < held[:, None], rows, rows - held[:, None] + m)  # into [pending ; new]
+        source = jnp.clip(source, 0, k - 1)[..., None]
+
+        def ordered(pending, new):
+            joined = jnp.concatenate([pending, jnp.pad(new, ((0, 0), (0, pad), (0, 0)))], axis=1)
+            return jnp.take_along_axis(joined, source, axis=1)  # [B, m + T', width]
+
+        kv_o, gate_o = ordered(state.pending_kv, kv), ordered(state.pending_gate, gate)
+        n = k // m
+        windows_kv, windows_gate = kv_o.reshape(b, n, m, self.width), gate_o.reshape(b, n, m, self.width)
+        index = first[:, None] // m + jnp.arange(n)[None, :]  # [B, n]
+        end = start + count
+        if self.overlap:
+            prev_kv = jnp.concatenate([state.overlap_kv[:, None], windows_kv[:, :-1, :, :dim]], axis=1)
+            prev_gate = jnp.concatenate([state.overlap_gate[:, None], windows_gate[:, :-1, :, :dim]], axis=1)
+        else:
+            prev_kv = prev_gate = None
+        pooled = self._pool(windows_kv, windows_gate, prev_kv, prev_gate, index)
+        completed = (index + 1) * m <= end[:, None]  # [B, n]; windows completed before `start` are not held
+        entries = cache_ops.write_at(state.entries, pooled, index, completed)
+        last = end // m - 1 - first // m  # [B] the last complete window's row, -1: none in this buffer
+        overlap_kv, overlap_gate = state.overlap_kv, state.overlap_gate
+        if self.overlap:
+            pick = jnp.clip(last, 0, n - 1)[:, None, None, None]
+            has = (last >= 0)[:, None, None]
+            overlap_kv = jnp.where(has, jnp.take_along_axis(windows_kv, pick, axis=1)[:, 0, :, :dim], overlap_kv)
+            overlap_gate = jnp.where(has, jnp.take_along_axis(windows_gate, pick, axis=1)[:, 0, :, :dim], overlap_gate)
+        return CompressorState(
+            entries=entries,
+            pending_kv=cache_ops.latest_ring(kv_o, first, end, m),
+            pending_gate=cache_ops.latest_ring(gate_o, first, end, m),
+            overlap_kv=overlap_kv,
+            overlap_gate=overlap_gate,
+        )
 
 
 class Indexer(nn.Module):
@@ -114,10 +218,8 @@ class Indexer(nn.Module):
         self.weights_proj = Projection(c, (c.hidden_size, i), (shd.EMBED, shd.INDEX_HEADS))
         self.compressor = Compressor(c, c.compress_rate_csa, j, overlap=True)
 
-    def __call__(
-        self, x: jax.Array, q_latent: jax.Array, positions: jax.Array
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [B,T,D], q_latent [B,T,Q], positions [B,T] -> (q^I [B,T,I,J], w [B,T,I] f32, k^I [B,Y,J])."""
+    def queries(self, x: jax.Array, q_latent: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B,T,D], q_latent [B,T,Q], positions [B,T] -> (q^I [B,T,I,J] rotated, w [B,T,I] float32)."""
         c = self.cfg
         b, t, _ = x.shape
         chex.assert_shape(x, (b, t, c.hidden_size))
@@ -126,8 +228,13 @@ class Indexer(nn.Module):
         cos, sin = rope_cos_sin(positions, *v4_rope(c, compressed=True))
         q = apply_trailing_rope(self.wq_b("BTQ,QIJ->BTIJ", q_latent), cos, sin)
         w = self.weights_proj("BTD,DI->BTI", x).astype(jnp.float32) * c.index_n_heads**-0.5
-        keys = self.compressor(x)
-        return q, w, keys
+        return q, w
+
+    def __call__(
+        self, x: jax.Array, q_latent: jax.Array, positions: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B,T,D], q_latent [B,T,Q], positions [B,T] (0..T-1) -> (q^I [B,T,I,J], w [B,T,I] f32, k^I [B,Y,J])."""
+        return *self.queries(x, q_latent, positions), self.compressor(x)
 
 
 def top_k_entries(scores: jax.Array, positions: jax.Array, rate: int, k: int) -> jax.Array:

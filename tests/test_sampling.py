@@ -1,0 +1,147 @@
+"""Inference: the caches continue the sequence exactly, greedy generation equals repeated full forwards and
+transformers' `generate`, and bad requests fail before compiling.
+
+For V3 (MLA), V3.2 (MLA + DSA indexer keys, top-k below the length) and V4 (sliding, CSA and HCA layers,
+windows and compression rates far below the length) tiny float32 models: logits of the full forward ==
+chunked prefill of a ragged batch == token-by-token decoding, within 1e-4 of the largest logit.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from v4jax import cache_size, model, presets
+from v4jax.sampling import decode_step, engine, extend, generate, new_cache, prefill
+
+RTOL = 1e-4
+PRESETS = ("tiny", "tiny_v32", "tiny_v4")
+LENGTHS = (23, 9, 16)  # a ragged batch: each row at its own positions, no left padding
+
+
+def _cfg(name):
+    return presets.get(name)
+
+
+_PARAMS = {}
+
+
+def _params(name):
+    if name not in _PARAMS:
+        _PARAMS[name] = model.init_params(_cfg(name), jax.random.key(1))
+    return _PARAMS[name]
+
+
+def _tokens(cfg, b, t, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (b, t)).astype(np.int32)
+
+
+def _full_logits(cfg, params, tokens, lengths):
+    """Each row's logits from its own full forward (no padding anywhere): [B, T, V], NaN past the row."""
+    out = np.full(tokens.shape + (cfg.vocab_size,), np.nan, np.float32)
+    for i, n in enumerate(lengths):
+        out[i, :n] = np.asarray(model.forward(cfg, params, tokens[i : i + 1, :n]))[0]
+    return out
+
+
+def _assert_close(x, ref, what):
+    scale = np.nanmax(np.abs(ref))
+    err = np.nanmax(np.abs(x - ref)) / scale
+    assert err <= RTOL, f"{what}: max |Δlogit| / max |logit| = {err:.2e} > {RTOL}"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_prefill_chunks_and_decode_steps_match_the_full_forward(name):
+    cfg, params = _cfg(name), _params(name)
+    lengths = np.asarray(LENGTHS, np.int32)
+    tokens = _tokens(cfg, len(lengths), int(lengths.max()))
+    full = _full_logits(cfg, params, tokens, lengths)
+
+    # chunks of 5 over a ragged batch: rows end in different chunks, later chunks are partly padding
+    cache, chunks = new_cache(cfg, len(lengths), 32), []
+    for start in range(0, tokens.shape[1], 5):
+        count = np.clip(lengths - start, 0, 5)
+        logits, cache = extend(cfg, params, cache, tokens[:, start : start + 5], count)
+        chunks.append(np.asarray(logits)[:, : min(5, tokens.shape[1] - start)])
+    chunked = np.concatenate(chunks, axis=1)
+    chunked[np.arange(tokens.shape[1])[None, :] >= lengths[:, None]] = np.nan
+    _assert_close(chunked, full, "chunked prefill")
+    np.testing.assert_array_equal(np.asarray(cache["length"]), lengths)
+
+    # `prefill` returns each row's logits after its last prompt token (chunk 1: the decode step's program)
+    last, _ = prefill(cfg, params, new_cache(cfg, len(lengths), 32), tokens, lengths, chunk=1)
+    _assert_close(np.asarray(last), full[np.arange(len(lengths)), lengths - 1], "prefill last logits")
+
+    # one token per step; rows that are done stay put (active False)
+    cache, steps = new_cache(cfg, len(lengths), 32), []
+    for t in range(tokens.shape[1]):
+        logits, cache = decode_step(cfg, params, cache, tokens[:, t], active=t < lengths)
+        steps.append(np.asarray(logits))
+    decoded = np.stack(steps, axis=1)
+    decoded[np.arange(tokens.shape[1])[None, :] >= lengths[:, None]] = np.nan
+    _assert_close(decoded, full, "token-by-token decode")
+    np.testing.assert_array_equal(np.asarray(cache["length"]), lengths)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_greedy_generation_is_the_argmax_of_repeated_full_forwards(name):
+    cfg, params = _cfg(name), _params(name)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (13, 1, 6)]
+    out = generate(cfg, params, prompts, 10, prefill_chunk=5)
+    # the reference: full forwards of the growing sequences, zero-padded to one fixed length (the model is
+    # causal, so the padding after a row's last token does not change its logits; one compilation)
+    seqs, width = [list(p) for p in prompts], 13 + 10
+    for _ in range(10):
+        batch = np.asarray([s + [0] * (width - len(s)) for s in seqs], np.int32)
+        logits = np.asarray(model.forward(cfg, params, batch))
+        for i, s in enumerate(seqs):
+            s.append(int(np.argmax(logits[i, len(s) - 1])))
+    assert out == [s[len(p) :] for s, p in zip(seqs, prompts, strict=True)]
+
+
+def test_stop_tokens_end_a_row_and_sampling_follows_the_key():
+    cfg, params = _cfg("tiny"), _params("tiny")
+    prompts = [[3, 4, 5], [7]]
+    greedy = generate(cfg, params, prompts, 6)
+    stop = greedy[0][2]
+    stopped = generate(cfg, params, prompts, 6, stop_tokens=[stop])
+    first = greedy[0].index(stop)
+    assert stopped[0] == greedy[0][: first + 1]
+    assert stopped[1] == (greedy[1][: greedy[1].index(stop) + 1] if stop in greedy[1] else greedy[1])
+    a = generate(cfg, params, prompts, 6, temperature=1.0, key=jax.random.key(0))
+    b = generate(cfg, params, prompts, 6, temperature=1.0, key=jax.random.key(0))
+    c = generate(cfg, params, prompts, 6, temperature=1.0, key=jax.random.key(1))
+    assert a == b and a != c
+    assert generate(cfg, params, prompts, 6, temperature=0.7, key=jax.random.key(2), top_k=1) == greedy
+
+
+def test_bad_requests_fail_before_compiling():
+    cfg, params = _cfg("tiny"), _params("tiny")
+    with pytest.raises(ValueError, match=r"prompt 1: token id 512 is outside the vocabulary \[0, 512\)"):
+        generate(cfg, params, [[1, 2], [3, cfg.vocab_size]], 4)
+    with pytest.raises(ValueError, match="prompt 0 must be a non-empty list"):
+        generate(cfg, params, [[]], 4)
+    limit = cfg.max_position_embeddings
+    with pytest.raises(ValueError, match=f"exceeds ModelConfig.max_position_embeddings={limit}"):
+        generate(cfg, params, [[1] * (limit - 3)], 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        generate(cfg, params, [[1]], 0)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        generate(cfg, params, [[1]], 4, temperature=0.5)
+    with pytest.raises(ValueError, match="top_p must lie in"):
+        generate(cfg, params, [[1]], 4, temperature=0.5, key=jax.random.key(0), top_p=1.5)
+    with pytest.raises(ValueError, match=r"tokens must be \[batch=2, T\]"):
+        extend(cfg, params, new_cache(cfg, 2, 8), np.zeros((3, 4), np.int32))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_v32", "tiny_v4"])
+def test_cache_holds_what_kv_cache_bytes_per_token_counts(name):
+    """The allocated cache equals the accounting of `v4jax.cache_size` (latents only, nothing per head)."""
+    cfg = _cfg(name)
+    s = 64  # a multiple of every compression rate
+    held = sum(x.nbytes for x in jax.tree.leaves(engine.new_cache(cfg, 1, s)["layers"]))
+    if cfg.is_v4:
+        per_token, fixed = cache_size.v4_cache_bytes(cfg, cfg.dtype)
+        assert held == per_token * s + fixed
+    else:
+        assert held == cache_size.kv_cache_bytes_per_token(cfg, cfg.dtype) * s
