@@ -40,8 +40,8 @@ def tiny_v4_by_hand(itemsize: int, context_length: int) -> float:
     f32 = np.float64(4)
     per_token = 2 * (48 + 32) * itemsize / np.float64(4) + 48 * itemsize / np.float64(8)
     window = 4 * 8 * 48 * itemsize
-    csa = 4 * (2 * 48 + 2 * 48) * f32 + 4 * (48 + 48) * f32  # compressor: pending m tokens + overlap half
-    csa += 4 * (2 * 32 + 2 * 32) * f32 + 4 * (32 + 32) * f32  # indexer compressor, the same at J
+    csa = 2 * 4 * (2 * 48 + 2 * 48) * f32  # compressor ring: 2m tokens of 2C kv + 2C gate
+    csa += 2 * 4 * (2 * 32 + 2 * 32) * f32  # indexer compressor, the same at J
     hca = 8 * (48 + 48) * f32
     return per_token + (window + 2 * csa + hca) / np.float64(context_length)
 
@@ -54,10 +54,10 @@ def test_tiny_v4_matches_hand_derivation(dtype, itemsize):
         np.testing.assert_allclose(
             kv_cache_bytes_per_token(cfg, dtype, length), tiny_v4_by_hand(itemsize, length), rtol=1e-12
         )
-    # default context: max_position_embeddings (256): 92 + 21504 / 256 = 176 at bf16
+    # default context: max_position_embeddings (256): 92 + (3072 window + 2·10240 CSA rings + 3072 HCA ring) / 256 = 196
     assert kv_cache_bytes_per_token(cfg, dtype) == kv_cache_bytes_per_token(cfg, dtype, 256)
     if dtype == "bfloat16":
-        assert kv_cache_bytes_per_token(cfg, dtype) == 176.0
+        assert kv_cache_bytes_per_token(cfg, dtype) == 196.0
 
 
 def test_v4_fixed_cost_is_amortised_over_the_context():

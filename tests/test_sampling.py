@@ -12,6 +12,7 @@ import pytest
 
 from v4jax import cache_size, model, presets
 from v4jax.sampling import decode_step, engine, extend, generate, new_cache, prefill
+from v4jax.sampling.speculative import speculative_generate
 
 RTOL = 1e-4
 PRESETS = ("tiny", "tiny_v32", "tiny_v4")
@@ -145,3 +146,25 @@ def test_cache_holds_what_kv_cache_bytes_per_token_counts(name):
         assert held == per_token * s + fixed
     else:
         assert held == cache_size.kv_cache_bytes_per_token(cfg, cfg.dtype) * s
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_v4"])
+def test_speculative_decoding_equals_plain_greedy(name):
+    """MTP drafts, accepted and rejected, never change the greedy output.
+
+    The shared output head is cut down to two live tokens with opposite columns (every other logit is 0),
+    so both the main model and the random MTP module choose between two tokens and agree often enough to
+    take both paths, across V4's window (8) and compression windows (4, 8): rejected drafts roll the
+    caches back by one token.
+    """
+    cfg, params = _cfg(name), jax.tree.map(np.array, _params(name))
+    head = params["head"]["kernel"]
+    head[:, :] = 0.0
+    head[:, 5] = np.random.default_rng(0).normal(size=head.shape[0])
+    head[:, 17] = -head[:, 5]
+    prompts = [[int(t) for t in np.random.default_rng(9).integers(0, cfg.vocab_size, n)] for n in (7, 2, 12)]
+    plain = generate(cfg, params, prompts, 24, prefill_chunk=5)
+    drafted, stats = speculative_generate(cfg, params, prompts, 24, prefill_chunk=5)
+    assert drafted == plain
+    assert 0 < stats["accepted"] < stats["drafted"], stats
+    assert stats["steps"] < 24  # accepted drafts saved main-model passes

@@ -8,9 +8,9 @@ MLA (V3): per layer the KV latent and the shared rope key, kv_lora_rank + qk_rop
 V4 (C = head_dim, W = sliding_window, m / m' = CSA / HCA compress rates, J = index_head_dim):
     per token    CSA: C/m compressed entries + J/m indexer keys;  HCA: C/m';  sliding: nothing
     fixed        every layer: a W-entry ring of C values (the sliding window), in `dtype`;
-                 compressor pending buffers, float32 whatever `dtype` (the pooling runs in float32):
-                 CSA: m tokens of 2C kv + 2C gate, plus the previous window's overlap half, m × (C kv +
-                 C gate); its indexer the same at width J; HCA: m' tokens of C kv + C gate.
+                 compressor rings, float32 whatever `dtype` (the pooling runs in float32): CSA: the
+                 last 2m tokens' 2C kv + 2C gate (the pending window and the previous one, whose low
+                 half the next entry pools); its indexer the same at width J; HCA: m' tokens of C kv + C gate.
     The fixed bytes are spread over `context_length` (default max_position_embeddings), so the per-token
     figure falls towards the per-token part as the context grows.
 
@@ -55,7 +55,7 @@ def v4_cache_bytes(cfg: ModelConfig, dtype: str = "bfloat16") -> tuple[float, fl
         if layer_type == "compressed_sparse_attention":
             per_token += (c + j) * b / m
             for width in (c, j):  # attention compressor, indexer compressor (both overlapping)
-                fixed += (m * (2 * width + 2 * width) + m * (width + width)) * _F32
+                fixed += 2 * m * (2 * width + 2 * width) * _F32
         elif layer_type == "heavily_compressed_attention":
             per_token += c * b / mh
             fixed += mh * (c + c) * _F32

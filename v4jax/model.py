@@ -231,6 +231,13 @@ def _per_layer_aux(groups: list[LayerGroup], outputs: list[Any]) -> dict[str, ja
     return {name: jnp.stack([v for _, v in sorted(values, key=lambda row: row[0])]) for name, values in rows.items()}
 
 
+def mtp_layer_kind(cfg: ModelConfig) -> LayerKind:
+    """The kind of an MTP module's block (V4: sliding attention + MoE; V3: MLA + the main model's FFN)."""
+    if cfg.is_v4:
+        return LayerKind("sliding_attention", "moe")
+    return LayerKind("mla", "moe" if cfg.num_hidden_layers >= cfg.first_k_dense_replace else "dense")
+
+
 class MTPModule(nn.Module):
     """One multi-token-prediction module (V3: concat projection; V4: two projections on the streams)."""
 
@@ -238,10 +245,19 @@ class MTPModule(nn.Module):
 
     @nn.compact
     def __call__(
-        self, hidden: jax.Array, next_embeds: jax.Array, positions: jax.Array, token_ids: jax.Array
-    ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        self,
+        hidden: jax.Array,
+        next_embeds: jax.Array,
+        positions: jax.Array,
+        token_ids: jax.Array,
+        cache: dict[str, Any] | None = None,
+        count: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, Any]:
         """hidden: streams [B,T,R,D] before the head; next_embeds [B,T,D] ->
-        (the module's streams [B,T,R,D], its normed output [B,T,D], aux)."""
+        (the module's streams [B,T,R,D], its normed output [B,T,D], aux).
+
+        With a `cache` (`empty_layer_cache` of `mtp_layer_kind`) the block appends to it, as `DecoderLayer`,
+        and the third output is the updated cache."""
         c = self.cfg
         d = c.hidden_size
         chex.assert_equal_shape([hidden[:, :, 0], next_embeds])
@@ -251,13 +267,11 @@ class MTPModule(nn.Module):
             e = Projection(c, (d, d), (shd.EMBED_CONCAT, shd.EMBED), name="e_proj")("BTE,ED->BTD", e)
             x = Projection(c, (d, d), (shd.EMBED_CONCAT, shd.EMBED), name="h_proj")("BTRE,ED->BTRD", h)
             x = x + e[:, :, None, :]
-            kind = LayerKind("sliding_attention", "moe")
         else:
             eh = jnp.concatenate([e, HyperHead(c, name="h_head")(h)], axis=-1)  # [B, T, 2D]
             x = Projection(c, (2 * d, d), (shd.EMBED_CONCAT, shd.EMBED), name="eh_proj")("BTE,ED->BTD", eh)
             x = expand_streams(x, c)
-            kind = LayerKind("mla", "moe" if c.num_hidden_layers >= c.first_k_dense_replace else "dense")
-        x, aux = DecoderLayer(c, kind, name="block")(x, positions, token_ids)
+        x, aux = DecoderLayer(c, mtp_layer_kind(c), name="block")(x, positions, token_ids, cache, count)
         return x, RMSNorm(c, d, name="norm")(HyperHead(c, name="hc_head")(x)), aux
 
 
@@ -309,6 +323,17 @@ class Transformer(nn.Module):
         for group, layer in zip(self.groups, self.layers, strict=True):
             streams, new_cache[group.name] = layer(streams, positions, token_ids, cache[group.name], count)
         return streams, new_cache
+
+    def draft(
+        self, streams: jax.Array, next_tokens: jax.Array, positions: jax.Array, count: jax.Array, cache: dict[str, Any]
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """MTP module 1 as a drafter: appended to its cache (as `extend`) at positions [B,T], on the main
+        model's streams [B,T,R,D] there and the tokens that follow them, next_tokens [B,T]. Returns (float32
+        logits [B,V] at each row's last real position (count[b] - 1), predicting the token after next; cache).
+        """
+        _, normed, cache = self.mtp[0](streams, self.embed(next_tokens), positions, next_tokens, cache, count)
+        last = jnp.take_along_axis(normed, jnp.maximum(count - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
+        return self.head("BTD,DV->BTV", last).astype(jnp.float32)[:, 0], cache
 
     def logits(self, streams: jax.Array) -> jax.Array:
         """float32 logits [B,T,V] from the decoder's streams [B,T,R,D] (HyperHead, final norm, head)."""

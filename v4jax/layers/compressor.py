@@ -68,31 +68,29 @@ def v4_rope(cfg: ModelConfig, compressed: bool) -> tuple[np.ndarray, float]:
 class CompressorState(NamedTuple):
     """What a compressor keeps between calls (one cache row per sequence; `v4jax.layers.cache_ops`).
 
-    entries      [B, Y, dim]  compute dtype  entry i (window [i·m, (i+1)·m)) once that window is complete
-    pending_kv   [B, m, width] float32  projections of the tokens of the incomplete window (ring by position
-    pending_gate [B, m, width] float32  mod m; gate without `ape`); width = coff·dim
-    overlap_kv   [B, m, dim]  float32  overlap only: the low half of the last complete window, which the
-    overlap_gate [B, m, dim]  float32  next entry pools (HF `overlap_kv`); empty [B, 0, dim] without overlap
+    entries  [B, Y, dim]    compute dtype  entry i (window [i·m, (i+1)·m)) once that window is complete
+    kv, gate [B, R, width]  float32  projections (gate without `ape`) of the last R tokens, ring by position
+                            mod R: the incomplete window's pending tokens and, with overlap (R = 2m), the
+                            complete window before it, whose low half the next entry pools (HF's overlap
+                            state). R = m without overlap. width = coff·dim.
+    A ring (rather than HF's drained buffer) lets a caller roll the last token back by lowering the length:
+    its slot is rewritten before anything reads it (MTP speculative decoding).
     """
 
     entries: jax.Array
-    pending_kv: jax.Array
-    pending_gate: jax.Array
-    overlap_kv: jax.Array
-    overlap_gate: jax.Array
+    kv: jax.Array
+    gate: jax.Array
 
 
 def empty_compressor_state(
     cfg: ModelConfig, rate: int, dim: int, overlap: bool, batch: int, max_length: int
 ) -> CompressorState:
     """A compressor's state before any token, for sequences of up to `max_length` tokens."""
-    f32, width = jnp.float32, (2 if overlap else 1) * dim
+    ring, width = (2 if overlap else 1) * rate, (2 if overlap else 1) * dim
     return CompressorState(
         entries=jnp.zeros((batch, max_length // rate, dim), cfg.compute_dtype),
-        pending_kv=jnp.zeros((batch, rate, width), f32),
-        pending_gate=jnp.zeros((batch, rate, width), f32),
-        overlap_kv=jnp.zeros((batch, rate if overlap else 0, dim), f32),
-        overlap_gate=jnp.zeros((batch, rate if overlap else 0, dim), f32),
+        kv=jnp.zeros((batch, ring, width), jnp.float32),
+        gate=jnp.zeros((batch, ring, width), jnp.float32),
     )
 
 
@@ -158,51 +156,41 @@ class Compressor(nn.Module):
     def extend(self, x: jax.Array, start: jax.Array, count: jax.Array, state: CompressorState) -> CompressorState:
         """Append the first count[b] of the tokens x [B, T, D] (positions start[b] + 0..T-1) to the state.
 
-        Every window completed by them is pooled into `entries` (at index ⌊p/m⌋), the pending ring and
-        the overlap state move on. The same entries as `__call__` over the whole sequence.
+        Every window completed by them is pooled into `entries` (at index ⌊p/m⌋) and the ring moves on:
+        the same entries as `__call__` over the whole sequence.
         """
         m, dim = self.rate, self.dim
         b, t, _ = x.shape
         chex.assert_shape([start, count], (b,))
+        ring = state.kv.shape[1]
         kv, gate = self._project(x)
         pad = -(-t // m) * m - t
-        first = start - start % m  # position of the first token of the incomplete window
-        k = m + t + pad
-        rows = jnp.arange(k)[None, :]  # ordered row r holds position first + r
-        held = start - first  # [B] pending tokens
-        source = jnp.where(rows < held[:, None], rows, rows - held[:, None] + m)  # into [pending ; new]
-        source = jnp.clip(source, 0, k - 1)[..., None]
+        first = start - start % m - (ring - m)  # ordered row 0: the incomplete window (and, overlap, the one before)
+        length = ring + t + pad
+        rows = jnp.arange(length)[None, :]  # ordered row r holds position first + r
+        held = (start - first)[:, None]  # rows taken from the ring
+        ring_slot = (first[:, None] + rows) % ring
+        source = jnp.clip(jnp.where(rows < held, ring_slot, rows - held + ring), 0, length - 1)[..., None]
 
-        def ordered(pending, new):
-            joined = jnp.concatenate([pending, jnp.pad(new, ((0, 0), (0, pad), (0, 0)))], axis=1)
-            return jnp.take_along_axis(joined, source, axis=1)  # [B, m + T', width]
+        def ordered(old, new):  # [B, R + T', width]: [ring ; new] gathered into position order
+            joined = jnp.concatenate([old, jnp.pad(new, ((0, 0), (0, pad), (0, 0)))], axis=1)
+            return jnp.take_along_axis(joined, source, axis=1)
 
-        kv_o, gate_o = ordered(state.pending_kv, kv), ordered(state.pending_gate, gate)
-        n = k // m
+        kv_o, gate_o = ordered(state.kv, kv), ordered(state.gate, gate)
+        n = length // m
         windows_kv, windows_gate = kv_o.reshape(b, n, m, self.width), gate_o.reshape(b, n, m, self.width)
         index = first[:, None] // m + jnp.arange(n)[None, :]  # [B, n]
-        end = start + count
-        if self.overlap:
-            prev_kv = jnp.concatenate([state.overlap_kv[:, None], windows_kv[:, :-1, :, :dim]], axis=1)
-            prev_gate = jnp.concatenate([state.overlap_gate[:, None], windows_gate[:, :-1, :, :dim]], axis=1)
-        else:
-            prev_kv = prev_gate = None
+        prev_kv = prev_gate = None
+        if self.overlap:  # row k pools row k-1's low half (row 0 only serves as row 1's previous window)
+            prev_kv = jnp.concatenate([windows_kv[:, :1, :, :dim], windows_kv[:, :-1, :, :dim]], axis=1)
+            prev_gate = jnp.concatenate([windows_gate[:, :1, :, :dim], windows_gate[:, :-1, :, :dim]], axis=1)
         pooled = self._pool(windows_kv, windows_gate, prev_kv, prev_gate, index)
-        completed = (index + 1) * m <= end[:, None]  # [B, n]; windows completed before `start` are not held
-        entries = cache_ops.write_at(state.entries, pooled, index, completed)
-        last = end // m - 1 - first // m  # [B] the last complete window's row, -1: none in this buffer
-        overlap_kv, overlap_gate = state.overlap_kv, state.overlap_gate
-        if self.overlap:
-            pick = jnp.clip(last, 0, n - 1)[:, None, None, None]
-            has = (last >= 0)[:, None, None]
-            overlap_kv = jnp.where(has, jnp.take_along_axis(windows_kv, pick, axis=1)[:, 0, :, :dim], overlap_kv)
-            overlap_gate = jnp.where(has, jnp.take_along_axis(windows_gate, pick, axis=1)[:, 0, :, :dim], overlap_gate)
+        end = (start + count)[:, None]
+        completed = ((index + 1) * m <= end) & ((index + 1) * m > start[:, None])  # [B, n] completed now
         return CompressorState(
-            entries=entries,
-            pending_kv=cache_ops.latest_ring(kv_o, first, end, m),
-            pending_gate=cache_ops.latest_ring(gate_o, first, end, m),
-            overlap_kv=overlap_kv,
-            overlap_gate=overlap_gate,
+            entries=cache_ops.write_at(state.entries, pooled, index, completed),
+            kv=cache_ops.latest_ring(kv_o, first, start + count, ring),
+            gate=cache_ops.latest_ring(gate_o, first, start + count, ring),
         )
 
 

@@ -49,6 +49,14 @@ def check_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_to
     return np.asarray(lengths, np.int32)
 
 
+def check_stop_tokens(cfg: ModelConfig, stop_tokens: Sequence[int]) -> np.ndarray:
+    """The stop tokens as int32 [K], checked against the vocabulary."""
+    stops = np.asarray(sorted(set(int(s) for s in stop_tokens)), np.int32)
+    if stops.size and (stops.min() < 0 or stops.max() >= cfg.vocab_size):
+        raise ValueError(f"stop_tokens {stops.tolist()} must lie in the vocabulary [0, {cfg.vocab_size})")
+    return stops
+
+
 def generate(
     cfg: ModelConfig,
     params: dict[str, Any],
@@ -65,9 +73,7 @@ def generate(
     """Generate up to `max_new_tokens` ids after each prompt; greedy when temperature is 0."""
     lengths = check_prompts(cfg, prompts, max_new_tokens)
     check_settings(temperature, top_k, top_p, key)
-    stops = np.asarray(sorted(set(int(s) for s in stop_tokens)), np.int32)
-    if stops.size and (stops.min() < 0 or stops.max() >= cfg.vocab_size):
-        raise ValueError(f"stop_tokens {stops.tolist()} must lie in the vocabulary [0, {cfg.vocab_size})")
+    stops = check_stop_tokens(cfg, stop_tokens)
     b, longest = len(prompts), int(lengths.max())
     padded = np.zeros((b, longest), np.int32)
     for i, prompt in enumerate(prompts):
