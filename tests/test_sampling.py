@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from v4jax import cache_size, model, presets
-from v4jax.sampling import decode_step, engine, extend, generate, new_cache, prefill
+from v4jax.sampling import decode_step, engine, extend, generate, new_cache, prefill, stream
 from v4jax.sampling.speculative import speculative_generate
 
 RTOL = 1e-4
@@ -168,3 +168,10 @@ def test_speculative_decoding_equals_plain_greedy(name):
     assert drafted == plain
     assert 0 < stats["accepted"] < stats["drafted"], stats
     assert stats["steps"] < 24  # accepted drafts saved main-model passes
+
+
+def test_stream_yields_what_generate_returns():
+    cfg, params = _cfg("tiny"), _params("tiny")
+    prompt, key = [3, 4, 5, 6], jax.random.key(4)
+    for kwargs in ({}, {"temperature": 0.8, "key": key, "top_p": 0.9}):
+        assert list(stream(cfg, params, prompt, 6, **kwargs)) == generate(cfg, params, [prompt], 6, **kwargs)[0]

@@ -7,7 +7,19 @@ samplers: sample, filter_logits                      greedy / temperature / top-
 
 from v4jax.sampling import engine, samplers
 from v4jax.sampling.engine import decode_step, extend, new_cache, prefill
-from v4jax.sampling.generate import generate
+from v4jax.sampling.generate import generate, stream
 from v4jax.sampling.samplers import sample
+from v4jax.sampling.speculative import speculative_generate
 
-__all__ = ["decode_step", "engine", "extend", "generate", "new_cache", "prefill", "sample", "samplers"]
+__all__ = [
+    "decode_step",
+    "engine",
+    "extend",
+    "generate",
+    "new_cache",
+    "prefill",
+    "sample",
+    "samplers",
+    "speculative_generate",
+    "stream",
+]

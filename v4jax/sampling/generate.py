@@ -2,6 +2,7 @@
 
     generate(cfg, params, prompts, max_new_tokens, *, temperature=0.0, key=None, top_k=None, top_p=None,
              stop_tokens=()) -> [[generated ids] per prompt]
+    stream(cfg, params, prompt, max_new_tokens, ...) -> iterator of ids, one prompt, as they are decoded
 
 Prompts of different lengths share one batch without left padding: each row decodes at its own positions
 (`v4jax.sampling.engine`). A row stops after `max_new_tokens` tokens or after emitting a stop token (which
@@ -12,7 +13,7 @@ token ids outside the vocabulary, too long for the model) run before anything is
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -116,3 +117,47 @@ def _decode_loop(cfg, params, cache, logits, key, stops, steps, temperature, top
     state = (0, jnp.zeros((b, steps), jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), cache, logits, key)
     _, out, _, n, *_ = jax.lax.while_loop(cond, body, state)
     return out, n
+
+
+def stream(
+    cfg: ModelConfig,
+    params: dict[str, Any],
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    key: jax.Array | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    prefill_chunk: int = engine.PREFILL_CHUNK,
+) -> Iterator[int]:
+    """Yield the ids `generate` would give for one prompt, each as soon as it is decoded (for streamed output).
+
+    The same tokens as `generate(cfg, params, [prompt], ...)` with the same key; each step is one jitted
+    call (sample, then append the token) instead of one loop on the device."""
+    lengths = check_prompts(cfg, [prompt], max_new_tokens)
+    check_settings(temperature, top_k, top_p, key)
+    stops = set(check_stop_tokens(cfg, stop_tokens).tolist())
+    cache = engine.new_cache(cfg, 1, int(lengths[0]) + max_new_tokens)
+    logits, cache = engine.prefill(cfg, params, cache, np.asarray([prompt], np.int32), lengths, prefill_chunk)
+    key = jax.random.key(0) if key is None else key
+    for i in range(max_new_tokens):
+        last = i + 1 == max_new_tokens
+        token, logits, cache, key = _sample_and_append(cfg, params, cache, logits, key, temperature, top_k, top_p, last)
+        token = int(token[0])
+        yield token
+        if token in stops:
+            return
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p", "last"), donate_argnames=("cache",)
+)
+def _sample_and_append(cfg, params, cache, logits, key, temperature, top_k, top_p, last):
+    """One step of `stream`, with the same key schedule as `_decode_loop`."""
+    key, sub = jax.random.split(key)
+    token = sample(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+    if not last:
+        logits, cache = engine.advance(cfg, params, cache, token[:, None], jnp.ones_like(token))
+    return token, logits, cache, key
