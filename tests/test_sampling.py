@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from v4jax import cache_size, model, presets
-from v4jax.sampling import decode_step, engine, extend, generate, new_cache, prefill, stream
+from v4jax.sampling import decode_step, engine, extend, generate, new_cache, prefill, stream, tiered
 from v4jax.sampling.speculative import speculative_generate
 
 RTOL = 1e-4
@@ -175,3 +175,29 @@ def test_stream_yields_what_generate_returns():
     prompt, key = [3, 4, 5, 6], jax.random.key(4)
     for kwargs in ({}, {"temperature": 0.8, "key": key, "top_p": 0.9}):
         assert list(stream(cfg, params, prompt, 6, **kwargs)) == generate(cfg, params, [prompt], 6, **kwargs)[0]
+
+
+@pytest.mark.parametrize("name, tier", [("tiny", "host"), ("tiny_v4", "disk")])
+def test_tiered_cache_generates_the_same_tokens(name, tier, tmp_path):
+    """Blocks older than the last 8 tokens move to pinned host memory or to disk; the same tokens as with
+    every block on the device (the same steps: `stream` == `generate` is tested above).
+
+    24 new tokens after prompts of 20, 11 and 28: several 8-token blocks (MLA latents, V4 entries at rates 4
+    and 8) go cold while decoding, and every step reads them back."""
+    cfg, params = _cfg(name), _params(name)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (20, 11, 28)]
+    plain, on_device = tiered.generate_tiered(
+        cfg, params, prompts, 24, tiered.Tiers(device_tokens=64), prefill_chunk=16
+    )
+    assert on_device["host"] == on_device["disk"] == 0
+    unit = tiered.slot_granularity(cfg)
+    capacity = -(-(28 + 24) // unit) * unit  # generate_tiered rounds up to a multiple of the compression rates
+    total = sum(x.nbytes for x in jax.tree.leaves(new_cache(cfg, 3, capacity)))
+    tiers = tiered.Tiers(device_tokens=8, block=8, spill_dir=str(tmp_path) if tier == "disk" else None)
+    out, stats = tiered.generate_tiered(cfg, params, prompts, 24, tiers, prefill_chunk=16)
+    assert out == plain
+    assert stats[tier] > 0 and stats["device"] + stats[tier] == total == on_device["device"], stats
+    if cfg.is_v4:
+        with pytest.raises(ValueError, match="must be multiples of 8"):
+            tiered.TieredCache(cfg, new_cache(cfg, 1, 64), 64, tiered.Tiers(block=6))
