@@ -3,11 +3,13 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# 8 emulated devices; XLA:CPU backend optimisation level 0: the suite is dominated by compiling many small
-# programs, which this makes ~40% faster (same numerics: no fast-math either way); notebooks inherit it.
+# 8 emulated devices. The suite is dominated by compiling many small programs: XLA:CPU backend optimisation
+# level 0 makes that ~40% faster, and the classic (non-emitter) fusion codegen in one split about halves
+# it again (same numerics: no fast-math either way); notebooks inherit the flags.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    + " --xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
 ).strip()
 
 import jax  # noqa: E402

@@ -425,7 +425,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, *, length: int = 8) -> dict[st
     return merge_collections(jax.jit(Transformer(cfg).init)(key, tokens))
 
 
-def _abstract_variables(cfg: ModelConfig) -> dict[str, Any]:
+@functools.cache
+def _abstract_variables(cfg: ModelConfig) -> dict[str, Any]:  # traced once per config; callers copy out of it
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     return jax.eval_shape(Transformer(cfg).init, jax.random.key(0), tokens)
 

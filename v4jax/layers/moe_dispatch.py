@@ -49,21 +49,25 @@ from jax.sharding import PartitionSpec
 from v4jax import sharding as shd
 from v4jax.layers.linear import swiglu
 
-# 'auto' picks per backend. Forward+backward (grads wrt x, weights, w1, w3, w2) of the routed experts at the
-# `small` preset size (T = 2×512 tokens, D=512, E=64, K=6, M=256: 9·2·T·K·D·M = 14.5 GFLOP of useful work;
-# uneven loads of 3..363 rows per expert) on the 2-core development CPU, `benchmarks/moe_dispatch.py`, with
-# other jobs on the machine (process CPU time, all threads, which is steadier than wall time there):
+# 'auto' is the dropless 'sorted' on every backend (AUTO_IMPL holds per-backend exceptions; none today).
+# CPU: forward+backward (grads wrt x, weights, w1, w3, w2) of the routed experts at the `small` preset size
+# (T = 2×512 tokens, D=512, E=64, K=6, M=256: 9·2·T·K·D·M = 14.5 GFLOP of useful work; uneven loads of
+# 3..363 rows per expert) on the 2-core development CPU, `benchmarks/moe_dispatch.py`, with other jobs on the
+# machine (process CPU time, all threads, which is steadier than wall time there):
 #   ragged   (jax.lax.ragged_dot):        33.0 s   (XLA:CPU lowers ragged_dot to a masked dense dot over
 #                                                   all E groups: E× the FLOPs; 16.6 s wall on an idle machine)
 #   capacity (batched einsum, dropless):   5.79 s  (X = T slots: the buffer is E/K = 10.7× the real rows)
 #   capacity (factor 2.0, drops rows):     1.16 s  (X = 192 slots: the buffer is 2× padded)
 #   sorted   (block-sorted, dropless):     0.86 s  (17% padding rows at bs = 32; 0.70 s wall = 20.6 GFLOP/s,
 #                                                   51% of the matmul peak measured alongside on one free core)
-# so the CPU default is the dropless 'sorted' (end to end on `small`: 148 tokens/s against 132 for capacity
-# factor 2.0 and 40 for dropless capacity; benchmarks/README.md). On GPU/TPU ragged_dot lowers to grouped-matmul
-# kernels: dropless 'ragged'.
-AUTO_IMPL = {"cpu": "sorted"}
-DEFAULT_IMPL = "ragged"
+# (end to end on `small`: 148 tokens/s against 132 for capacity factor 2.0 and 40 for dropless capacity).
+# H100 (jax 0.11.2; benchmarks/README.md): XLA:GPU has no grouped-matmul kernel for ragged_dot either. The same
+# benchmark, float32: T=1024 ragged 7.6 ms, sorted 13.7 ms, dropless capacity 1.4 ms, capacity@2.0 0.6 ms;
+# T=8192 ragged 55 ms, sorted 35 ms, dropless capacity 8.8 ms. A `small` training step, bf16, batch 32×512
+# (16K tokens): ragged 1.02 s, sorted 0.46 s (2.2× faster), capacity@2.0 0.09 s (11×, but drops rows); on
+# `small_v4` at that batch ragged ran out of memory (a 69.7 GiB buffer on the 80 GB card).
+AUTO_IMPL: dict[str, str] = {}
+DEFAULT_IMPL = "sorted"
 IMPLS = ("ragged", "capacity", "sorted")
 SORTED_BLOCK_SIZE = 32  # bs of 'sorted': each expert's rows are padded to whole blocks of bs rows
 SORTED_CHUNKS = (4, 2, 1)  # blocks per matmul of 'sorted', largest first

@@ -58,6 +58,23 @@ def check_stop_tokens(cfg: ModelConfig, stop_tokens: Sequence[int]) -> np.ndarra
     return stops
 
 
+def prefill_prompts(
+    cfg: ModelConfig,
+    params: dict[str, Any],
+    prompts: Sequence[Sequence[int]],
+    lengths: np.ndarray,
+    capacity: int,
+    chunk: int = engine.PREFILL_CHUNK,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """A new cache of `capacity` tokens per row with the (checked) prompts prefilled -> (logits [B, V] after
+    each prompt, cache)."""
+    padded = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    for i, prompt in enumerate(prompts):
+        padded[i, : lengths[i]] = prompt
+    cache = engine.new_cache(cfg, len(prompts), capacity)
+    return engine.prefill(cfg, params, cache, padded, lengths, chunk)
+
+
 def generate(
     cfg: ModelConfig,
     params: dict[str, Any],
@@ -75,12 +92,8 @@ def generate(
     lengths = check_prompts(cfg, prompts, max_new_tokens)
     check_settings(temperature, top_k, top_p, key)
     stops = check_stop_tokens(cfg, stop_tokens)
-    b, longest = len(prompts), int(lengths.max())
-    padded = np.zeros((b, longest), np.int32)
-    for i, prompt in enumerate(prompts):
-        padded[i, : lengths[i]] = prompt
-    cache = engine.new_cache(cfg, b, longest + max_new_tokens)
-    logits, cache = engine.prefill(cfg, params, cache, padded, lengths, prefill_chunk)
+    b = len(prompts)
+    logits, cache = prefill_prompts(cfg, params, prompts, lengths, int(lengths.max()) + max_new_tokens, prefill_chunk)
     key = jax.random.key(0) if key is None else key  # unused when greedy
     out, n = _decode_loop(
         cfg, params, cache, logits, key, jnp.asarray(stops), max_new_tokens, temperature, top_k, top_p
@@ -139,12 +152,11 @@ def stream(
     lengths = check_prompts(cfg, [prompt], max_new_tokens)
     check_settings(temperature, top_k, top_p, key)
     stops = set(check_stop_tokens(cfg, stop_tokens).tolist())
-    cache = engine.new_cache(cfg, 1, int(lengths[0]) + max_new_tokens)
-    logits, cache = engine.prefill(cfg, params, cache, np.asarray([prompt], np.int32), lengths, prefill_chunk)
+    logits, cache = prefill_prompts(cfg, params, [prompt], lengths, int(lengths[0]) + max_new_tokens, prefill_chunk)
     key = jax.random.key(0) if key is None else key
     for i in range(max_new_tokens):
         last = i + 1 == max_new_tokens
-        token, logits, cache, key = _sample_and_append(cfg, params, cache, logits, key, temperature, top_k, top_p, last)
+        token, logits, cache, key = sample_and_append(cfg, params, cache, logits, key, temperature, top_k, top_p, last)
         token = int(token[0])
         yield token
         if token in stops:
@@ -154,7 +166,7 @@ def stream(
 @functools.partial(
     jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p", "last"), donate_argnames=("cache",)
 )
-def _sample_and_append(cfg, params, cache, logits, key, temperature, top_k, top_p, last):
+def sample_and_append(cfg, params, cache, logits, key, temperature, top_k, top_p, last):
     """One step of `stream`, with the same key schedule as `_decode_loop`."""
     key, sub = jax.random.split(key)
     token = sample(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)

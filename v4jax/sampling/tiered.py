@@ -6,8 +6,8 @@ compressor rings) is fixed-size and stays on the device. Per tiered leaf, slots 
 
     [ cold: blocks of `block` tokens, host (`pinned_host` memory) or disk (np.memmap) | hot: on the device ]
 
-The boundary only moves forward, a block at a time, once every row of the batch is `device_tokens` past
-it, so new tokens are always written to the hot part. Each decode step brings the cold blocks back to the
+The boundary only moves forward, by whole blocks, keeping every row of the batch at least `device_tokens`
+past it, so new tokens are always written to the hot part. Each decode step brings the cold blocks back to the
 device, runs the ordinary jitted step on the joined cache, and keeps only the hot part afterwards: the
 tokens are exactly those of the all-on-device cache, the resident device footprint is the hot part, and
 the price is the host-to-device copy per step (`stats()` reports the bytes per tier). The step itself
@@ -32,7 +32,7 @@ import numpy as np
 
 from v4jax.config import ModelConfig
 from v4jax.sampling import engine
-from v4jax.sampling.generate import _sample_and_append, check_prompts
+from v4jax.sampling.generate import check_prompts, prefill_prompts, sample_and_append
 from v4jax.sampling.samplers import check_settings
 
 POSITION_INDEXED = ("c_kv", "k_rope", "index_k", "entries")
@@ -94,18 +94,19 @@ class TieredCache:
         return jax.tree_util.tree_unflatten(self._treedef, _join(back, self.hot))
 
     def update(self, cache: dict[str, Any]) -> None:
-        """Take the cache after a step: keep its hot part, and move a block to the cold tier when every row
-        is `device_tokens + block` past the boundary."""
+        """Take the cache after a step: keep its hot part, and move whole blocks to the cold tier while every
+        row stays `device_tokens` past the boundary."""
         lengths = np.asarray(cache["length"])
-        move = int(lengths.min()) - self.boundary >= self.tiers.device_tokens + self.tiers.block
+        tokens = max(0, int(lengths.min()) - self.boundary - self.tiers.device_tokens) // self.tiers.block
+        tokens *= self.tiers.block  # tokens that turn cold now
         cold_slots = tuple(None if r is None else self.boundary // r for r in self._rates)
-        moved = tuple(None if r is None else self.tiers.block // r * move for r in self._rates)
+        moved = tuple(None if r is None else tokens // r for r in self._rates)
         self.hot, blocks = _split(jax.tree.leaves(cache), cold_slots, moved)
-        if move:
+        if tokens:
             for i, block in enumerate(blocks):
                 if block is not None:
                     self._keep_cold(i, block)
-            self.boundary += self.tiers.block
+            self.boundary += tokens
 
     def _keep_cold(self, i: int, block: jax.Array) -> None:
         """Append a block to leaf i's cold tier: pinned host memory, or a memory-mapped file."""
@@ -166,21 +167,16 @@ def generate_tiered(
     end: `TieredCache.stats`)."""
     lengths = check_prompts(cfg, prompts, max_new_tokens)
     check_settings(temperature, top_k, top_p, key)
-    b, longest = len(prompts), int(lengths.max())
-    padded = np.zeros((b, longest), np.int32)
-    for i, prompt in enumerate(prompts):
-        padded[i, : lengths[i]] = prompt
-    unit = slot_granularity(cfg)
-    capacity = -(-(longest + max_new_tokens) // unit) * unit
-    cache = engine.new_cache(cfg, b, capacity)
-    logits, cache = engine.prefill(cfg, params, cache, padded, lengths, prefill_chunk)
+    b, unit = len(prompts), slot_granularity(cfg)
+    capacity = -(-(int(lengths.max()) + max_new_tokens) // unit) * unit
+    logits, cache = prefill_prompts(cfg, params, prompts, lengths, capacity, prefill_chunk)
     tiered = TieredCache(cfg, cache, capacity, tiers)
     tiered.update(cache)
     key, logits = jax.device_put((jax.random.key(0) if key is None else key, logits), tiered._on_device)
     out = []
     for i in range(max_new_tokens):
         last = i + 1 == max_new_tokens
-        token, logits, cache, key = _sample_and_append(
+        token, logits, cache, key = sample_and_append(
             cfg, params, tiered.joined(), logits, key, temperature, top_k, top_p, last
         )
         out.append(np.asarray(token))
