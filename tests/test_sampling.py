@@ -201,3 +201,24 @@ def test_tiered_cache_generates_the_same_tokens(name, tier, tmp_path):
     if cfg.is_v4:
         with pytest.raises(ValueError, match="must be multiples of 8"):
             tiered.TieredCache(cfg, new_cache(cfg, 1, 64), 64, tiered.Tiers(block=6))
+
+
+@pytest.mark.multi_device
+def test_sharded_cache_decodes_like_one_device():
+    """The cache split over 8 emulated devices (batch over data × fsdp) gives the one-device logits."""
+    from v4jax import sharding
+
+    cfg, params = _cfg("tiny"), _params("tiny")
+    tokens = _tokens(cfg, 8, 6, seed=3)
+    ref_cache = new_cache(cfg, 8, 16)
+    ref, ref_cache = extend(cfg, params, ref_cache, tokens[:, :5])
+    ref_next, _ = decode_step(cfg, params, ref_cache, tokens[:, 5])
+    mesh = sharding.make_mesh(2, 4, 1, 1)
+    cache = new_cache(cfg, 8, 16)
+    cache = jax.device_put(cache, engine.cache_shardings(cache, mesh, "fsdp"))
+    placed = model.shard_params(cfg, params, mesh, "fsdp")
+    logits, cache = extend(cfg, placed, cache, tokens[:, :5])
+    assert not cache["layers"]["moe_layers"]["c_kv"].sharding.is_fully_replicated
+    nxt, _ = decode_step(cfg, placed, cache, tokens[:, 5])
+    _assert_close(np.asarray(logits), np.asarray(ref), "sharded prefill")
+    _assert_close(np.asarray(nxt), np.asarray(ref_next), "sharded decode step")

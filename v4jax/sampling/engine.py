@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax import model
+from v4jax import sharding as shd
 from v4jax.config import ModelConfig
 from v4jax.model import Transformer, split_collections
 
@@ -37,6 +38,20 @@ def new_cache(cfg: ModelConfig, batch: int, max_length: int) -> dict[str, Any]:
             f"max_length {max_length} exceeds ModelConfig.max_position_embeddings={cfg.max_position_embeddings}"
         )
     return {"layers": model.empty_cache(cfg, batch, max_length), "length": jnp.zeros((batch,), jnp.int32)}
+
+
+def cache_shardings(cache: dict[str, Any], mesh: jax.sharding.Mesh, preset: str) -> dict[str, Any]:
+    """NamedShardings splitting a cache's batch over the mesh axes that carry the batch (`act_batch`) in the
+    rule preset, as `make_forward` splits tokens. Place a cache with `jax.device_put(cache, shardings)`;
+    the jitted steps keep that layout (params placed by `model.shard_params`)."""
+    batch = shd.logical_to_spec((shd.ACT_BATCH,), shd.rules(preset))[0]
+
+    def sharding(path, leaf):
+        stacked = jax.tree_util.keystr(path).startswith("['layers']")  # [layers, B, ...]; 'length' is [B]
+        spec = (None, batch) if stacked else (batch,)
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec, *([None] * (leaf.ndim - len(spec)))))
+
+    return jax.tree_util.tree_map_with_path(sharding, cache)
 
 
 def _logits_at(transformer: Transformer, streams: jax.Array, index: jax.Array) -> jax.Array:
