@@ -29,7 +29,7 @@ from v4jax import sharding as shd
 from v4jax.checkpointing import Checkpointer, check_meta
 from v4jax.config import ModelConfig
 from v4jax.flops import matmul_peak_flops, train_flops_per_token
-from v4jax.model import forward
+from v4jax.sampling import generate
 from v4jax.train import TrainConfig, Trainer
 
 SAMPLE_PROMPT = "def fibonacci(n):\n"
@@ -114,19 +114,16 @@ def parse_mesh(spec: str) -> jax.sharding.Mesh:
 
 
 def greedy_sample(cfg: ModelConfig, params: Any, tokenizer: data.Tokenizer, prompt: str, new_tokens: int) -> str:
-    """Greedy continuation by repeated full forwards over one fixed-length buffer (one compilation: the
-    model is causal, so the padding after the current position does not change its logits)."""
+    """The prompt and its greedy continuation (`v4jax.sampling.generate` with the KV cache), up to `new_tokens`
+    tokens or the end-of-text token (not included), within the model's maximum length."""
     ids = tokenizer.encode(prompt)
-    length = min(len(ids) + new_tokens, cfg.max_position_embeddings)
-    buffer = np.zeros((1, length), np.int32)
-    buffer[0, : len(ids)] = ids
-    for pos in range(len(ids), length):
-        logits = forward(cfg, params, buffer)
-        buffer[0, pos] = int(np.argmax(np.asarray(logits[0, pos - 1])))
-        if buffer[0, pos] == tokenizer.eos_id:
-            length = pos
-            break
-    return tokenizer.decode(buffer[0, :length].tolist())
+    new_tokens = min(new_tokens, cfg.max_position_embeddings - len(ids))
+    if new_tokens < 1:
+        return tokenizer.decode(ids)
+    (out,) = generate(cfg, params, [ids], new_tokens, stop_tokens=[tokenizer.eos_id])
+    if out and out[-1] == tokenizer.eos_id:
+        out = out[:-1]
+    return tokenizer.decode(ids + out)
 
 
 def plot_losses(path: pathlib.Path, records: list[dict[str, Any]], entropy: float) -> None:
