@@ -9,9 +9,9 @@ Row b of the cache holds the state after `length[b]` tokens at positions 0..leng
 the next tokens of every row at its own positions, so prompts of different lengths need no left padding
 (V4's compressors and windows need contiguous positions from 0). The per-layer state is each attention's:
 MLA's latent c_kv + shared rope key (+ V3.2 indexer keys), V4's window ring, compressed entries,
-compressor pending/overlap buffers and CSA indexer keys (`v4jax.layers.attention_*`, `compressor`). The
-cache is donated to every step and comes back updated; shapes never change, so each step compiles once
-per (batch, max_length, chunk).
+compressor rings (pending and overlap tokens) and CSA indexer keys (`v4jax.layers.attention_*`,
+`compressor`). The cache is donated to every step and comes back updated; shapes never change, so each
+step compiles once per (batch, max_length, chunk).
 """
 
 from __future__ import annotations
