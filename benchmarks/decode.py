@@ -2,6 +2,7 @@
 
     python -m benchmarks.decode --presets small,small_v4 --batches 1,16 --prompt-len 32 --new-tokens 64
     python -m benchmarks.decode --presets small --batches 1 --skip-torch --profile      # where a step's time goes
+    python -m benchmarks.decode --presets small --skip-torch --expert-probe             # reading only K experts
     python -m benchmarks.decode --speculative-run runs/default                          # MTP drafts vs greedy
 
 Both sides decode the same random weights: transformers builds the preset's causal LM in float32 with every
@@ -22,10 +23,12 @@ K/E)^B) distinct experts per MoE layer under uniform routing instead of K). Cach
 NumPy copy, a jitted `x + 1` (each counted as bytes read + written) and a jitted sum (bytes read) of a 256 MiB
 float32 array, measured in this process.
 
-`--profile` traces decode steps (`engine.decode_step`, one token per row after the prompt) with `jax.profiler`
-and sums the XLA operations' times by model part and operation. `--speculative-run DIR` loads a training run
-(`experiments.sample.load`) and compares `speculative_generate` with `generate` at batch 1 on prompts cut from
-the standard-library validation documents: acceptance rate, tokens/s and decode step costs.
+`--profile` traces decode steps (the jitted step under `engine.decode_step`, one token per row after the prompt)
+with `jax.profiler` and sums the XLA operations' times by model part and operation. `--expert-probe` times the
+routed experts of one decode step outside the model when only the chosen experts' matrices are read
+(`expert_probe`). `--speculative-run DIR` loads a training run (`experiments.sample.load`) and compares
+`speculative_generate` with `generate` at batch 1 on prompts cut from the standard-library validation
+documents: acceptance rate, tokens/s, the cost of a pass and of a 1- and 2-token cache extension.
 Not a test: results go to benchmarks/README.md and experiments/results/speculative.md.
 """
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import gzip
 import json
 import math
@@ -206,6 +210,68 @@ def profile_decode(cfg: ModelConfig, params, batch: int, prompt_len: int, steps:
             print(f"| {name} | {t * 1e3:.2f} | {t / traced:.1%} |")
 
 
+# ---------------------------------------------------------------------------------------------- expert probe
+def expert_probe(cfg: ModelConfig, batches: list[int], repeats: int = 10) -> None:
+    """Routed experts of every MoE layer of `cfg` for one decode step, outside the model: the cost of reading
+    only the chosen experts (what a decode path could do) against the current dispatch's reads.
+
+    Stacked weights [L, E, D, M] as the model keeps them, random routing without repeats, float32. Variants, each
+    a `lax.scan` over the layers: 'scan xs' slices each layer's [E, D, M] as a scan input (what the model's
+    layer scan does) then gathers the chosen experts; 'gather (layer, expert)' gathers the chosen experts'
+    matrices straight from the stacked arrays; 'row loop' runs one (token, expert) row at a time, indexing
+    one expert's matrices and multiplying a vector by them."""
+    n, e, d, m, k = (
+        cfg.num_moe_layers,
+        cfg.n_routed_experts,
+        cfg.hidden_size,
+        cfg.moe_intermediate_size,
+        cfg.num_experts_per_tok,
+    )
+    rng = np.random.default_rng(0)
+    w1, w3 = (jnp.asarray(rng.normal(0, 0.05, (n, e, d, m)).astype(np.float32)) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(0, 0.05, (n, e, m, d)).astype(np.float32))
+
+    def ffn(x, a, b, c):  # x [T, D]; a, b [T, K, D, M]; c [T, K, M, D]
+        h = jax.nn.silu(jnp.einsum("TD,TKDM->TKM", x, a)) * jnp.einsum("TD,TKDM->TKM", x, b)
+        return jnp.einsum("TKM,TKMD->TD", h, c)
+
+    @jax.jit
+    def scan_xs(x, idx, w1, w3, w2):
+        return jax.lax.scan(lambda h, w: (h + ffn(h, w[0][idx], w[1][idx], w[2][idx]), None), x, (w1, w3, w2))[0]
+
+    @jax.jit
+    def gather(x, idx, w1, w3, w2):
+        body = lambda h, layer: (h + ffn(h, w1[layer, idx], w3[layer, idx], w2[layer, idx]), None)  # noqa: E731
+        return jax.lax.scan(body, x, jnp.arange(n))[0]
+
+    @jax.jit
+    def row_loop(x, idx, w1, w3, w2):
+        flat, token = idx.reshape(-1), jnp.repeat(jnp.arange(x.shape[0]), k)
+
+        def layer(h, i):
+            def row(r, acc):
+                a, b, c = (w[i, flat[r]] for w in (w1, w3, w2))
+                xr = h[token[r]]
+                return acc.at[token[r]].add((jax.nn.silu(xr @ a) * (xr @ b)) @ c)
+
+            return h + jax.lax.fori_loop(0, flat.shape[0], row, jnp.zeros_like(h)), None
+
+        return jax.lax.scan(layer, x, jnp.arange(n))[0]
+
+    print(f"\nexpert probe: {n} MoE layers of E={e}, D={d}, M={m}, K={k}; ms per decode step (best of {repeats})")
+    print("| batch | chosen-expert bytes | scan xs | gather (layer, expert) | row loop |\n|---|---|---|---|---|")
+    for batch in batches:
+        x = jnp.asarray(rng.normal(size=(batch, d)).astype(np.float32))
+        idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(batch)]).astype(np.int32))
+        cells = []
+        for fn in (scan_xs, gather, row_loop):
+            run = functools.partial(fn, x, idx, w1, w3, w2)
+            run().block_until_ready()
+            cells.append(min(_timed(lambda run=run: run().block_until_ready()) for _ in range(repeats)))
+        chosen = n * len(np.unique(np.asarray(idx))) * 3 * d * m * F32
+        print(f"| {batch} | {chosen / 1e6:.0f} MB | " + " | ".join(f"{c * 1e3:.1f}" for c in cells) + " |")
+
+
 # ---------------------------------------------------------------------------------------------- speculative
 def speculative_prompts(tokenizer, count: int, length: int, seed: int = 0) -> list[list[int]]:
     """`count` windows of `length` tokens from the standard library's validation documents (one per document,
@@ -309,6 +375,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--profile", action="store_true", help="trace v4jax decode steps and summarise them")
     p.add_argument("--profile-steps", type=int, default=8)
+    p.add_argument("--expert-probe", action="store_true", help="also time reading only the chosen experts")
     p.add_argument("--speculative-run", default=None, help="a run directory: speculative vs greedy at batch 1")
     p.add_argument("--spec-prompts", type=int, default=8)
     p.add_argument("--spec-prompt-len", type=int, default=64)
@@ -381,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
             with tempfile.TemporaryDirectory(prefix="v4jax_decode_trace_") as trace_dir:
                 for batch in batches:
                     profile_decode(cfg, params, batch, args.prompt_len, args.profile_steps, trace_dir)
+        if args.expert_probe:
+            expert_probe(cfg, batches)
         del hf_model, torch_dec, jax_dec, params
 
 
