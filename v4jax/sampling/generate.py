@@ -153,7 +153,8 @@ def stream(
     check_settings(temperature, top_k, top_p, key)
     stops = set(check_stop_tokens(cfg, stop_tokens).tolist())
     logits, cache = prefill_prompts(cfg, params, [prompt], lengths, int(lengths[0]) + max_new_tokens, prefill_chunk)
-    key = jax.random.key(0) if key is None else key
+    # committed like the step's outputs, so the first step and the later ones compile to one program
+    key, logits = jax.device_put((jax.random.key(0) if key is None else key, logits), jax.devices()[0])
     for i in range(max_new_tokens):
         last = i + 1 == max_new_tokens
         token, logits, cache, key = sample_and_append(cfg, params, cache, logits, key, temperature, top_k, top_p, last)
