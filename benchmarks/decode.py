@@ -2,7 +2,6 @@
 
     python -m benchmarks.decode --presets small,small_v4 --batches 1,16 --prompt-len 32 --new-tokens 64
     python -m benchmarks.decode --presets small --batches 1 --skip-torch --profile      # where a step's time goes
-    python -m benchmarks.decode --presets small --skip-torch --expert-probe             # reading only K experts
     python -m benchmarks.decode --speculative-run runs/default                          # MTP drafts vs greedy
 
 Both sides decode the same random weights: transformers builds the preset's causal LM in float32 with every
@@ -24,9 +23,8 @@ NumPy copy, a jitted `x + 1` (each counted as bytes read + written) and a jitted
 float32 array, measured in this process.
 
 `--profile` traces decode steps (the jitted step under `engine.decode_step`, one token per row after the prompt)
-with `jax.profiler` and sums the XLA operations' times by model part and operation. `--expert-probe` times the
-routed experts of one decode step outside the model when only the chosen experts' matrices are read
-(`expert_probe`). `--speculative-run DIR` loads a training run (`experiments.sample.load`) and compares
+with `jax.profiler` and sums the XLA operations' times by model part and operation.
+`--speculative-run DIR` loads a training run (`experiments.sample.load`) and compares
 `speculative_generate` with `generate` at batch 1 on prompts cut from the standard-library validation
 documents: acceptance rate, tokens/s, the cost of a pass and of a 1- and 2-token cache extension.
 Not a test: results go to benchmarks/README.md and experiments/results/speculative.md.
@@ -36,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import gzip
 import json
 import math
@@ -133,7 +130,7 @@ class TorchDecoder:
 
 class JaxDecoder:
     def __init__(self, cfg: ModelConfig, params):
-        self.cfg, self.params = cfg, params
+        self.cfg, self.params = cfg, engine.inference_params(cfg, params)  # converted once, outside the timing
 
     def __call__(self, prompts: np.ndarray, n: int) -> np.ndarray:
         return np.asarray(generate(self.cfg, self.params, prompts.tolist(), n))
@@ -160,6 +157,7 @@ def _part(op_name: str) -> str:
 
 def profile_decode(cfg: ModelConfig, params, batch: int, prompt_len: int, steps: int, trace_dir: str) -> None:
     """Trace `steps` decode steps after a prompt and print the summed XLA operation times by part / operation."""
+    params = engine.inference_params(cfg, params)
     prompts = np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, prompt_len)).astype(np.int32)
     lengths = np.full((batch,), prompt_len, np.int32)
 
@@ -210,68 +208,6 @@ def profile_decode(cfg: ModelConfig, params, batch: int, prompt_len: int, steps:
             print(f"| {name} | {t * 1e3:.2f} | {t / traced:.1%} |")
 
 
-# ---------------------------------------------------------------------------------------------- expert probe
-def expert_probe(cfg: ModelConfig, batches: list[int], repeats: int = 10) -> None:
-    """Routed experts of every MoE layer of `cfg` for one decode step, outside the model: the cost of reading
-    only the chosen experts (what a decode path could do) against the current dispatch's reads.
-
-    Stacked weights [L, E, D, M] as the model keeps them, random routing without repeats, float32. Variants, each
-    a `lax.scan` over the layers: 'scan xs' slices each layer's [E, D, M] as a scan input (what the model's
-    layer scan does) then gathers the chosen experts; 'gather (layer, expert)' gathers the chosen experts'
-    matrices straight from the stacked arrays; 'row loop' runs one (token, expert) row at a time, indexing
-    one expert's matrices and multiplying a vector by them."""
-    n, e, d, m, k = (
-        cfg.num_moe_layers,
-        cfg.n_routed_experts,
-        cfg.hidden_size,
-        cfg.moe_intermediate_size,
-        cfg.num_experts_per_tok,
-    )
-    rng = np.random.default_rng(0)
-    w1, w3 = (jnp.asarray(rng.normal(0, 0.05, (n, e, d, m)).astype(np.float32)) for _ in range(2))
-    w2 = jnp.asarray(rng.normal(0, 0.05, (n, e, m, d)).astype(np.float32))
-
-    def ffn(x, a, b, c):  # x [T, D]; a, b [T, K, D, M]; c [T, K, M, D]
-        h = jax.nn.silu(jnp.einsum("TD,TKDM->TKM", x, a)) * jnp.einsum("TD,TKDM->TKM", x, b)
-        return jnp.einsum("TKM,TKMD->TD", h, c)
-
-    @jax.jit
-    def scan_xs(x, idx, w1, w3, w2):
-        return jax.lax.scan(lambda h, w: (h + ffn(h, w[0][idx], w[1][idx], w[2][idx]), None), x, (w1, w3, w2))[0]
-
-    @jax.jit
-    def gather(x, idx, w1, w3, w2):
-        body = lambda h, layer: (h + ffn(h, w1[layer, idx], w3[layer, idx], w2[layer, idx]), None)  # noqa: E731
-        return jax.lax.scan(body, x, jnp.arange(n))[0]
-
-    @jax.jit
-    def row_loop(x, idx, w1, w3, w2):
-        flat, token = idx.reshape(-1), jnp.repeat(jnp.arange(x.shape[0]), k)
-
-        def layer(h, i):
-            def row(r, acc):
-                a, b, c = (w[i, flat[r]] for w in (w1, w3, w2))
-                xr = h[token[r]]
-                return acc.at[token[r]].add((jax.nn.silu(xr @ a) * (xr @ b)) @ c)
-
-            return h + jax.lax.fori_loop(0, flat.shape[0], row, jnp.zeros_like(h)), None
-
-        return jax.lax.scan(layer, x, jnp.arange(n))[0]
-
-    print(f"\nexpert probe: {n} MoE layers of E={e}, D={d}, M={m}, K={k}; ms per decode step (best of {repeats})")
-    print("| batch | chosen-expert bytes | scan xs | gather (layer, expert) | row loop |\n|---|---|---|---|---|")
-    for batch in batches:
-        x = jnp.asarray(rng.normal(size=(batch, d)).astype(np.float32))
-        idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(batch)]).astype(np.int32))
-        cells = []
-        for fn in (scan_xs, gather, row_loop):
-            run = functools.partial(fn, x, idx, w1, w3, w2)
-            run().block_until_ready()
-            cells.append(min(_timed(lambda run=run: run().block_until_ready()) for _ in range(repeats)))
-        chosen = n * len(np.unique(np.asarray(idx))) * 3 * d * m * F32
-        print(f"| {batch} | {chosen / 1e6:.0f} MB | " + " | ".join(f"{c * 1e3:.1f}" for c in cells) + " |")
-
-
 # ---------------------------------------------------------------------------------------------- speculative
 def speculative_prompts(tokenizer, count: int, length: int, seed: int = 0) -> list[list[int]]:
     """`count` windows of `length` tokens from the standard library's validation documents (one per document,
@@ -292,6 +228,7 @@ def speculative_prompts(tokenizer, count: int, length: int, seed: int = 0) -> li
 
 def extend_seconds(cfg: ModelConfig, params, prompt: list[int], width: int, reps: int = 20) -> float:
     """Best time of one main-model cache extension by `width` tokens at batch 1 (logits of the last one)."""
+    params = engine.inference_params(cfg, params)
     cache = engine.new_cache(cfg, 1, len(prompt) + width * (reps + 2))
     _, cache = engine.prefill(cfg, params, cache, [prompt], [len(prompt)])
     tokens, count = jnp.asarray([prompt[-width:]], jnp.int32), jnp.asarray([width], jnp.int32)
@@ -375,7 +312,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--profile", action="store_true", help="trace v4jax decode steps and summarise them")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--expert-probe", action="store_true", help="also time reading only the chosen experts")
     p.add_argument("--speculative-run", default=None, help="a run directory: speculative vs greedy at batch 1")
     p.add_argument("--spec-prompts", type=int, default=8)
     p.add_argument("--spec-prompt-len", type=int, default=64)
@@ -448,8 +384,6 @@ def main(argv: list[str] | None = None) -> None:
             with tempfile.TemporaryDirectory(prefix="v4jax_decode_trace_") as trace_dir:
                 for batch in batches:
                     profile_decode(cfg, params, batch, args.prompt_len, args.profile_steps, trace_dir)
-        if args.expert_probe:
-            expert_probe(cfg, batches)
         del hf_model, torch_dec, jax_dec, params
 
 

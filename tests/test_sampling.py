@@ -16,6 +16,7 @@ from v4jax.sampling.speculative import speculative_generate
 
 RTOL = 1e-4
 PRESETS = ("tiny", "tiny_v32", "tiny_v4")
+EQUIVALENCE_PRESETS = (*PRESETS, "tiny_v4_engram")  # Engram: its n-gram context and conv inputs are cached too
 LENGTHS = (23, 9, 16)  # a ragged batch: each row at its own positions, no left padding
 
 
@@ -50,7 +51,7 @@ def _assert_close(x, ref, what):
     assert err <= RTOL, f"{what}: max |Δlogit| / max |logit| = {err:.2e} > {RTOL}"
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", EQUIVALENCE_PRESETS)
 def test_prefill_chunks_and_decode_steps_match_the_full_forward(name):
     cfg, params = _cfg(name), _params(name)
     lengths = np.asarray(LENGTHS, np.int32)
@@ -135,7 +136,7 @@ def test_bad_requests_fail_before_compiling():
         extend(cfg, params, new_cache(cfg, 2, 8), np.zeros((3, 4), np.int32))
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny_v32", "tiny_v4"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_v32", "tiny_v4", "tiny_v4_engram"])
 def test_cache_holds_what_kv_cache_bytes_per_token_counts(name):
     """The allocated cache equals the accounting of `v4jax.cache_size` (latents only, nothing per head)."""
     cfg = _cfg(name)

@@ -13,6 +13,8 @@ V4 (C = head_dim, W = sliding_window, m / m' = CSA / HCA compress rates, J = ind
                  half the next entry pools); its indexer the same at width J; HCA: m' tokens of C kv + C gate.
     The fixed bytes are spread over `context_length` (default max_position_embeddings), so the per-token
     figure falls towards the per-token part as the context grows.
+Engram layers (any model) add fixed bytes: the last N-1 token ids (int32) and the short conv's last (K-1)·N
+inputs of R·D float32 values (`engram_state_bytes`).
 
 Standard multi-head attention for comparison (`standard_mha_bytes_per_token`): every head caches its key
 and value, 2·n_h·d_h·l values per token in the DeepSeek-V2 paper's notation, with V3's actual widths
@@ -31,6 +33,7 @@ from collections.abc import Sequence
 
 from v4jax import presets
 from v4jax.config import ModelConfig
+from v4jax.layers.mhc import num_streams
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 FULL_SCALE = ("deepseek_v3_671b", "deepseek_v32", "deepseek_v4_flash", "deepseek_v4_pro")
@@ -41,6 +44,13 @@ def _bytes(dtype: str) -> int:
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPE_BYTES)}")
     return DTYPE_BYTES[dtype]
+
+
+def engram_state_bytes(cfg: ModelConfig) -> int:
+    """Fixed bytes of the Engram layers' decode state (n-gram context and conv inputs), per sequence."""
+    conv = cfg.engram_conv_context * num_streams(cfg) * cfg.hidden_size * _F32
+    per_layer = (cfg.engram_max_ngram_size - 1) * 4 + conv
+    return len(cfg.engram_layer_ids) * per_layer
 
 
 def v4_cache_bytes(cfg: ModelConfig, dtype: str = "bfloat16") -> tuple[float, float]:
@@ -59,7 +69,7 @@ def v4_cache_bytes(cfg: ModelConfig, dtype: str = "bfloat16") -> tuple[float, fl
         elif layer_type == "heavily_compressed_attention":
             per_token += c * b / mh
             fixed += mh * (c + c) * _F32
-    return per_token, fixed
+    return per_token, fixed + engram_state_bytes(cfg)
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bfloat16", context_length: int | None = None) -> float:
@@ -71,7 +81,8 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bfloat16", context_
         per_token, fixed = v4_cache_bytes(cfg, dtype)
         return per_token + fixed / (context_length or cfg.max_position_embeddings)
     values = cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if cfg.index_n_heads else 0)
-    return float(values * cfg.num_hidden_layers * b)
+    fixed = engram_state_bytes(cfg) / (context_length or cfg.max_position_embeddings)
+    return float(values * cfg.num_hidden_layers * b) + fixed
 
 
 def gqa_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: str = "bfloat16") -> int:

@@ -23,7 +23,7 @@ MODEL_TYPES = ("deepseek_v3", "deepseek_v32", "deepseek_v4")
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 RESIDUAL_MODES = ("none", "hc", "mhc")
 SCORING_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
-MOE_IMPLS = ("auto", "ragged", "capacity", "sorted")
+MOE_IMPLS = ("auto", "ragged", "capacity", "sorted", "gather")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 INDEXER_STAGES = ("dense_warmup", "sparse")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -117,6 +117,18 @@ class ModelConfig:
     hc_eps: float = 1e-6
     # --- multi-token prediction
     num_nextn_predict_layers: int = 0
+    # --- Engram conditional memory (architecture.md §9): hashed n-gram tables read before the attention of
+    # `engram_layer_ids`; see `v4jax.layers.engram`. Empty `engram_layer_ids` = no Engram.
+    engram_layer_ids: tuple[int, ...] = ()  # layers that carry an Engram module (demo [1, 15], V4.1 [1, 14])
+    engram_max_ngram_size: int = 3  # N: n-gram orders 2..N
+    engram_n_heads: int = 8  # hash heads per order
+    engram_head_dim: int = 64  # width of one head's table row
+    engram_vocab_size: tuple[int, ...] = ()  # per-order base table size (N-1 entries); primes are searched from it
+    engram_compressed_vocab_size: int = 0  # V' of the canonical-id map (0: vocab_size, the identity map)
+    engram_pad_id: int = 2  # token id read before the start of a sequence (mapped to its canonical id)
+    engram_kernel_size: int = 4  # short causal conv kernel (dilation N); 0 = no short conv (V4.1)
+    engram_seed: int = 0  # multipliers of layer l drawn from numpy default_rng(seed + 10007·l)
+    engram_gate: bool = True  # False (ablation): gate α = 1, no key projection and no gate norms
     # --- v4jax execution choices (not part of HF configs; never change the math)
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -161,6 +173,26 @@ class ModelConfig:
         if y is not None and y.mscale_all_dim:
             scale *= yarn_mscale(y.factor, y.mscale_all_dim) ** 2
         return scale
+
+    @property
+    def engram_num_hash_heads(self) -> int:
+        """Z: hash heads of one Engram layer, (N-1) orders × engram_n_heads."""
+        return (self.engram_max_ngram_size - 1) * self.engram_n_heads
+
+    @property
+    def engram_dim(self) -> int:
+        """D_en = Z·engram_head_dim: width of the concatenated retrieved rows of one token."""
+        return self.engram_num_hash_heads * self.engram_head_dim
+
+    @property
+    def engram_vocab(self) -> int:
+        """V': the size of the canonical (compressed) vocabulary the n-gram hash runs on."""
+        return self.engram_compressed_vocab_size or self.vocab_size
+
+    @property
+    def engram_conv_context(self) -> int:
+        """(kernel-1)·dilation: past conv inputs one decode step needs (0 without the short conv)."""
+        return max(self.engram_kernel_size - 1, 0) * self.engram_max_ngram_size
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -338,6 +370,8 @@ def _validate(cfg: ModelConfig) -> None:
             raise ValueError(f"ModelConfig.{name}={getattr(cfg, name)!r} is not one of {allowed}")
     if cfg.capacity_factor is not None and not cfg.capacity_factor > 0:
         raise ValueError(f"ModelConfig.capacity_factor must be > 0, got {cfg.capacity_factor}")
+    if cfg.engram_layer_ids:
+        _validate_engram(cfg)
     if cfg.indexer_training is not None:
         if cfg.indexer_training not in INDEXER_STAGES:
             raise ValueError(
@@ -347,6 +381,53 @@ def _validate(cfg: ModelConfig) -> None:
             raise ValueError(
                 f"ModelConfig.indexer_training={cfg.indexer_training!r} needs an indexer (index_n_heads > 0)"
             )
+
+
+def _validate_engram(cfg: ModelConfig) -> None:
+    """Checks of the Engram fields (only when `engram_layer_ids` is non-empty)."""
+    ids = cfg.engram_layer_ids
+    if not isinstance(ids, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"ModelConfig.engram_layer_ids must be a tuple of ints, got {ids!r}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"ModelConfig.engram_layer_ids={ids} repeats a layer")
+    bad = [i for i in ids if not 0 <= i < cfg.num_hidden_layers]
+    if bad:
+        raise ValueError(
+            f"ModelConfig.engram_layer_ids={ids}: {bad} outside [0, num_hidden_layers={cfg.num_hidden_layers})"
+        )
+    _positive(cfg, "engram_n_heads", "engram_head_dim")
+    n = cfg.engram_max_ngram_size
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ValueError(f"ModelConfig.engram_max_ngram_size must be an integer >= 2, got {n!r}")
+    sizes = cfg.engram_vocab_size
+    if not isinstance(sizes, tuple) or len(sizes) != n - 1:
+        raise ValueError(
+            f"ModelConfig.engram_vocab_size={sizes!r} needs one base size per n-gram order 2..{n} "
+            f"({n - 1} entries, engram_max_ngram_size={n})"
+        )
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in sizes):
+        raise ValueError(f"ModelConfig.engram_vocab_size={sizes} entries must be integers >= 2")
+    # Flat row ids are int32: the primes of one layer (each >= its base) must sum below 2^31.
+    if cfg.engram_n_heads * sum(sizes) >= 2**31:
+        raise ValueError(
+            f"ModelConfig.engram_vocab_size={sizes} × engram_n_heads={cfg.engram_n_heads} rows per layer "
+            "reach 2^31: flat table row ids must fit int32"
+        )
+    v_c = cfg.engram_compressed_vocab_size
+    if not isinstance(v_c, int) or isinstance(v_c, bool) or not 0 <= v_c <= cfg.vocab_size:
+        raise ValueError(
+            f"ModelConfig.engram_compressed_vocab_size must be an integer in [0, vocab_size={cfg.vocab_size}] "
+            f"(0: the identity map), got {v_c!r}"
+        )
+    pad = cfg.engram_pad_id
+    if not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < cfg.vocab_size:
+        raise ValueError(f"ModelConfig.engram_pad_id must be a token id in [0, {cfg.vocab_size}), got {pad!r}")
+    for name in ("engram_kernel_size", "engram_seed"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
+    if not isinstance(cfg.engram_gate, bool):
+        raise ValueError(f"ModelConfig.engram_gate must be a bool, got {cfg.engram_gate!r}")
 
 
 def _validate_v4(cfg: ModelConfig) -> None:
@@ -407,6 +488,19 @@ def validate_parallelism(cfg: ModelConfig, axis_sizes: Mapping[str, int], rules:
                 f"ModelConfig.{field}={size} is not divisible by the {shards} shards of mesh axes {axes} "
                 f"that logical axis {logical!r} maps to"
             )
+    if cfg.engram_layer_ids and rules.get("engram_rows") is not None:
+        from v4jax.layers.engram import hash_plan
+
+        axes = rules["engram_rows"]
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        shards = math.prod(axis_sizes.get(a, 1) for a in axes)
+        for layer in hash_plan(cfg).layers.values():
+            if layer.table_rows % shards:
+                raise ValueError(
+                    f"Engram table of layer {layer.layer_id} has {layer.table_rows} rows (engram_vocab_size="
+                    f"{cfg.engram_vocab_size}, padded), not divisible by the {shards} shards of mesh axes {axes} "
+                    "(logical axis 'engram_rows')"
+                )
     if cfg.shared_intermediate_size and rules.get("expert_mlp") is not None:
         axes = rules["expert_mlp"]
         axes = (axes,) if isinstance(axes, str) else tuple(axes)

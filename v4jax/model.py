@@ -32,15 +32,16 @@ from flax import traverse_util
 
 from v4jax import sharding as shd
 from v4jax.config import ModelConfig
-from v4jax.layers.attention_mla import MLA, empty_mla_cache
+from v4jax.layers.attention_mla import MLA, empty_mla_cache, with_head_major_wkv_b
 from v4jax.layers.attention_v4 import AttentionV4, empty_v4_cache
+from v4jax.layers.engram import Engram, empty_engram_state
 from v4jax.layers.linear import Embed, Projection, RMSNorm
 from v4jax.layers.mhc import INTERMEDIATES, HyperConnection, HyperHead, composite_gain, expand_streams
 from v4jax.layers.mlp import MLP
 from v4jax.layers.moe import CONSTANTS, MoE
 from v4jax.layers.rope import default_positions
 
-CONSTANT_LEAVES = frozenset({"tid2eid"})  # leaves of the CONSTANTS collection (never trained)
+CONSTANT_LEAVES = frozenset({"tid2eid", "canonical"})  # leaves of the CONSTANTS collection (never trained)
 REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_saveable,
@@ -50,10 +51,12 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class LayerKind:
-    """What one decoder layer is: its attention ('mla' or a V4 layer type) and its FFN."""
+    """What one decoder layer is: its attention ('mla' or a V4 layer type), its FFN, and whether it carries
+    an Engram module (`engram`: the layer's index, which seeds its hashes; a layer of its own kind)."""
 
     attention: str
     ffn: str  # 'dense' | 'moe' | 'hash_moe'
+    engram: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +71,14 @@ class LayerGroup:
 
 def layer_kinds(cfg: ModelConfig) -> list[LayerKind]:
     """The kind of every decoder layer, in order."""
-    if cfg.is_v4:
-        return [
-            LayerKind(cfg.layer_types[i], "hash_moe" if i < cfg.num_hash_layers else "moe")
-            for i in range(cfg.num_hidden_layers)
-        ]
-    return [LayerKind("mla", "dense" if i < cfg.num_dense_layers else "moe") for i in range(cfg.num_hidden_layers)]
+    kinds = []
+    for i in range(cfg.num_hidden_layers):
+        engram = i if i in cfg.engram_layer_ids else None
+        if cfg.is_v4:
+            kinds.append(LayerKind(cfg.layer_types[i], "hash_moe" if i < cfg.num_hash_layers else "moe", engram))
+        else:
+            kinds.append(LayerKind("mla", "dense" if i < cfg.num_dense_layers else "moe", engram))
+    return kinds
 
 
 def layer_groups(cfg: ModelConfig) -> list[LayerGroup]:
@@ -112,11 +117,46 @@ def layer_location(cfg: ModelConfig, index: int) -> tuple[str, int, str | None]:
     raise ValueError(f"layer index {index} is outside [0, num_hidden_layers={cfg.num_hidden_layers})")
 
 
+def unstacked_name(index: int) -> str:
+    """The parameter subtree of decoder layer `index` in the inference layout (`unstack_layers`)."""
+    return f"decoder_layer_{index}"
+
+
+def is_unstacked(params: dict[str, Any]) -> bool:
+    """Whether `params` are in the inference layout of `unstack_layers`."""
+    return unstacked_name(0) in params
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def unstack_layers(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """The inference layout of `params` (used by `Transformer.extend`): every layer group's stacked subtree
+    replaced by one subtree per decoder layer, `unstacked_name(i)`, each leaf its own array; the rest as is.
+
+    MLA layers also get Wkv_b head-major (`attention_mla.with_head_major_wkv_b`). A copy of the layer
+    weights (jitted, so each layer's arrays are separate buffers): convert once and keep this copy for
+    inference. Training and `forward` use the stacked layout.
+    """
+    out = {k: v for k, v in params.items() if k not in {g.name for g in layer_groups(cfg)}}
+    for index, kind in enumerate(layer_kinds(cfg)):
+        group, repeat, sub = layer_location(cfg, index)
+        tree = params[group] if sub is None else params[group][sub]
+        layer = jax.tree.map(lambda x, r=repeat: x[r], tree)
+        if kind.attention == "mla":
+            layer = {**layer, "attn": with_head_major_wkv_b(layer["attn"], cfg)}
+        out[unstacked_name(index)] = layer
+    return out
+
+
 def empty_layer_cache(cfg: ModelConfig, kind: LayerKind, batch: int, max_length: int) -> dict[str, Any]:
-    """One decoder layer's inference cache before any token (the attention's state; FFNs keep none)."""
+    """One decoder layer's inference cache before any token: the attention's state (FFNs keep none) and,
+    for an Engram layer, its n-gram context and conv inputs under 'engram' (`EngramState`)."""
     if kind.attention == "mla":
-        return empty_mla_cache(cfg, batch, max_length)
-    return empty_v4_cache(cfg, kind.attention, batch, max_length)
+        cache = empty_mla_cache(cfg, batch, max_length)
+    else:
+        cache = empty_v4_cache(cfg, kind.attention, batch, max_length)
+    if kind.engram is not None:
+        cache = {**cache, "engram": empty_engram_state(cfg, batch)}
+    return cache
 
 
 def empty_cache(cfg: ModelConfig, batch: int, max_length: int) -> dict[str, Any]:
@@ -138,7 +178,8 @@ def empty_cache(cfg: ModelConfig, batch: int, max_length: int) -> dict[str, Any]
 
 
 class DecoderLayer(nn.Module):
-    """One block: residual site + attention, residual site + FFN. Returns (streams, aux) so it can be scanned."""
+    """One block: [Engram,] residual site + attention, residual site + FFN. Returns (streams, aux) so it can
+    be scanned."""
 
     cfg: ModelConfig
     kind: LayerKind
@@ -151,16 +192,28 @@ class DecoderLayer(nn.Module):
         token_ids: jax.Array | None,
         cache: dict[str, Any] | None = None,
         count: jax.Array | None = None,
+        engram_rows: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, Any]:
-        """streams [B,T,R,D], positions [B,T], token_ids [B,T] (hash-routed layers) -> (streams, aux).
+        """streams [B,T,R,D], positions [B,T], token_ids [B,T] (hash-routed and Engram layers) -> (streams, aux).
 
         aux: the MoE's `expert_load` [E] and `balance_loss` [] (MoE layers), and the indexer's mean KL
         `indexer_kl` [] (layers with an indexer, in indexer training).
         With a `cache` (`empty_layer_cache`), the tokens are new tokens appended to it (`count` [B] of them
         real, see `MLA.extend` / `AttentionV4.extend`) and the second output is the updated cache instead.
+        engram_rows: {str(layer index): rows [B,T,Z,W]} gathered ahead from Engram tables kept outside the
+        params (`v4jax.engram_memory`); an Engram layer without an entry reads its own table.
         """
         c = self.cfg
         chex.assert_rank(streams, 4)
+        engram_state = None
+        if cache is not None and self.kind.engram is not None:
+            cache = dict(cache)
+            engram_state = cache.pop("engram")
+        if self.kind.engram is not None:  # the memory is written into every stream before the attention
+            rows = None if engram_rows is None else engram_rows.get(str(self.kind.engram))
+            engram = Engram(c, self.kind.engram, name="engram")
+            update, engram_state = engram.forward(streams, token_ids, engram_state, count, positions, rows)
+            streams = streams + update.astype(streams.dtype)
         hc_attn, hc_ffn = HyperConnection(c, name="hc_attn"), HyperConnection(c, name="hc_ffn")
         x_in, post, comb = hc_attn.pre(streams)
         attn = MLA(c, name="attn") if self.kind.attention == "mla" else AttentionV4(c, self.kind.attention, name="attn")
@@ -169,6 +222,8 @@ class DecoderLayer(nn.Module):
             out, indexer_kl = attn.attend(h, positions)
         else:
             (out, cache), indexer_kl = attn.extend(h, positions, count, cache), None
+            if self.kind.engram is not None:
+                cache = {**cache, "engram": engram_state}
         streams = hc_attn.post(out, streams, post, comb)
         x_in, post, comb = hc_ffn.pre(streams)
         h = RMSNorm(c, c.hidden_size, name="ffn_norm")(x_in)
@@ -188,13 +243,13 @@ class LayerPeriod(nn.Module):
     period: tuple[LayerKind, ...]
 
     @nn.compact
-    def __call__(self, streams, positions, token_ids, caches: tuple[Any, ...] | None = None, count=None):
+    def __call__(self, streams, positions, token_ids, caches: tuple[Any, ...] | None = None, count=None, rows=None):
         """As `DecoderLayer`, with one cache per layer of the period (a tuple) and a tuple of outputs."""
         outs = []
         for j, kind in enumerate(self.period):
             cache = None if caches is None else caches[j]
             layer = DecoderLayer(self.cfg, kind, name=f"layer_{j}")
-            streams, out = layer(streams, positions, token_ids, cache, count)
+            streams, out = layer(streams, positions, token_ids, cache, count, rows)
             outs.append(out)
         return streams, tuple(outs)
 
@@ -211,7 +266,8 @@ def scanned_group(cfg: ModelConfig, group: LayerGroup) -> nn.Module:
         block,
         variable_axes={"params": 0, CONSTANTS: 0, INTERMEDIATES: 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),  # positions, token_ids, cache, count
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),  # positions, token_ids, cache, count,
+        # engram_rows
         length=group.repeats,
         metadata_params={nn.PARTITION_NAME: shd.LAYERS},
     )
@@ -289,21 +345,28 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(c, c.hidden_size)
         self.head = Projection(c, (c.hidden_size, c.vocab_size), (shd.EMBED, shd.VOCAB))
         self.mtp = [MTPModule(c, name=f"mtp_{k}") for k in range(c.num_nextn_predict_layers)]
+        # the inference layout's layers (`unstack_layers`), used by `extend` only
+        self.unstacked = [DecoderLayer(c, kind, name=unstacked_name(i)) for i, kind in enumerate(layer_kinds(c))]
 
     def decode(
-        self, embeds: jax.Array, positions: jax.Array, token_ids: jax.Array | None = None
+        self,
+        embeds: jax.Array,
+        positions: jax.Array,
+        token_ids: jax.Array | None = None,
+        engram_rows: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Run the decoder on embeddings [B,T,D] at positions [B,T] -> (streams [B,T,R,D] before the head, aux).
 
-        token_ids [B,T] are needed by hash-routed MoE layers. aux: the layers' values stacked in layer order
-        (`expert_load` [L_moe, E], `balance_loss` [L_moe]; `indexer_kl` [L_indexer] in indexer training).
+        token_ids [B,T] are needed by hash-routed MoE and Engram layers; `engram_rows` are Engram rows gathered
+        ahead (see `DecoderLayer`). aux: the layers' values stacked in layer order (`expert_load` [L_moe, E],
+        `balance_loss` [L_moe]; `indexer_kl` [L_indexer] in indexer training).
         """
         c = self.cfg
         chex.assert_shape(embeds, (None, None, c.hidden_size))
         chex.assert_shape(positions, embeds.shape[:2])
         streams, outputs = expand_streams(embeds, c), []
         for layer in self.layers:
-            streams, out = layer(streams, positions, token_ids, None, None)
+            streams, out = layer(streams, positions, token_ids, None, None, engram_rows)
             outputs.append(out)
         return streams, _per_layer_aux(self.groups, outputs)
 
@@ -312,6 +375,8 @@ class Transformer(nn.Module):
     ) -> tuple[jax.Array, dict[str, Any]]:
         """Run the decoder on new tokens appended to `cache` (`empty_cache`): prefill chunks and decoding.
 
+        Needs the inference parameter layout (`unstack_layers`): the layers run one after another, each
+        reading its own arrays (slicing a layer out of a stacked array copies it, which dominates decoding).
         embeds [B,T,D] at positions [B,T] = start[b] + 0..T-1 (start[b]: tokens row b has cached), token_ids
         [B,T], count [B]: how many of the T are real (a ragged batch pads the rest, which are not cached).
         Returns (streams [B,T,R,D], the cache after start[b] + count[b] tokens).
@@ -319,10 +384,16 @@ class Transformer(nn.Module):
         c = self.cfg
         chex.assert_shape(embeds, (None, None, c.hidden_size))
         chex.assert_shape([positions, token_ids], embeds.shape[:2])
-        streams, new_cache = expand_streams(embeds, c), {}
-        for group, layer in zip(self.groups, self.layers, strict=True):
-            streams, new_cache[group.name] = layer(streams, positions, token_ids, cache[group.name], count)
-        return streams, new_cache
+        streams, cache = expand_streams(embeds, c), dict(cache)
+        for index, layer in enumerate(self.unstacked):
+            group, r, sub = layer_location(c, index)
+            j = None if sub is None else int(sub.removeprefix("layer_"))
+            stacked = cache[group] if j is None else cache[group][j]  # [repeats, ...] per leaf
+            own = jax.tree.map(lambda x, r=r: x[r], stacked)
+            streams, layer_cache = layer(streams, positions, token_ids, own, count)
+            stacked = jax.tree.map(lambda x, y, r=r: x.at[r].set(y), stacked, layer_cache)
+            cache[group] = stacked if j is None else (*cache[group][:j], stacked, *cache[group][j + 1 :])
+        return streams, cache
 
     def draft(
         self, streams: jax.Array, next_tokens: jax.Array, positions: jax.Array, count: jax.Array, cache: dict[str, Any]
@@ -341,15 +412,21 @@ class Transformer(nn.Module):
         return shd.constrain(out, (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_VOCAB))
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, *, with_mtp: bool = True
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        with_mtp: bool = True,
+        engram_rows: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, list[jax.Array], dict[str, Any]]:
         """tokens [B,T] -> (logits f32 [B,T,V], [mtp logits f32 [B,T,V] per module], aux).
 
         aux: {'layers': the decoder's per-layer values (see `decode`), 'mtp': [each MTP block's aux]}.
+        engram_rows: Engram rows gathered ahead for tables kept outside the params (see `DecoderLayer`).
         """
         b, t = tokens.shape
         positions = default_positions(b, t) if positions is None else positions
-        streams, aux = self.decode(self.embed(tokens), positions, tokens)
+        streams, aux = self.decode(self.embed(tokens), positions, tokens, engram_rows)
         logits = self.logits(streams)
         mtp_logits, mtp_aux = [], []
         if with_mtp:

@@ -97,6 +97,18 @@ def tiny_v4() -> ModelConfig:
     )
 
 
+def tiny_v4_engram() -> ModelConfig:
+    """`tiny_v4` with Engram memory at layer 1: 2-grams and 3-grams, 4 hash heads per order of 16 dims (tables of
+    primes above 1021 rows per head), the short conv of kernel 4, the identity canonical map."""
+    return tiny_v4().replace(
+        engram_layer_ids=(1,),
+        engram_max_ngram_size=3,
+        engram_n_heads=4,
+        engram_head_dim=16,
+        engram_vocab_size=(1021, 1021),
+    )
+
+
 def small() -> ModelConfig:
     """Benchmark model (V3-style): D=512, 8 layers (1 dense), 64 experts top-6, one MTP module."""
     return ModelConfig(
@@ -272,16 +284,35 @@ def deepseek_v4_pro() -> ModelConfig:
     )
 
 
+def deepseek_v4_flash_engram() -> ModelConfig:
+    """V4-Flash with DeepSeek-V4.1-Flash's Engram memory (v4-real.md §17.4): layers 1 and 14, 2- to 4-grams, 8
+    heads per order of 256 dims (24 heads, 6144 retrieved dims per token), per-order tables of primes above
+    16M rows (384,006,168 and 384,016,682 rows per layer), compressed vocabulary 99,092, pad id 2, no short conv.
+    V4.1's other changes (CSA2 attention, single-pass mHC, DSpark drafting) are not part of this preset."""
+    return deepseek_v4_flash().replace(
+        engram_layer_ids=(1, 14),
+        engram_max_ngram_size=4,
+        engram_n_heads=8,
+        engram_head_dim=256,
+        engram_vocab_size=(16_000_000,) * 3,
+        engram_compressed_vocab_size=99_092,
+        engram_pad_id=2,
+        engram_kernel_size=0,
+    )
+
+
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny,
     "tiny_v32": tiny_v32,
     "tiny_v4": tiny_v4,
+    "tiny_v4_engram": tiny_v4_engram,
     "small": small,
     "small_v4": small_v4,
     "deepseek_v3_671b": deepseek_v3_671b,
     "deepseek_v32": deepseek_v32,
     "deepseek_v4_flash": deepseek_v4_flash,
     "deepseek_v4_pro": deepseek_v4_pro,
+    "deepseek_v4_flash_engram": deepseek_v4_flash_engram,
 }
 
 

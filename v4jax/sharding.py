@@ -42,6 +42,7 @@ INDEX_HEADS = "index_heads"  # V4 lightning-indexer heads (own name: index_n_hea
 O_GROUPS = "o_groups"  # V4 grouped output projection: head groups
 O_LORA = "o_lora"  # V4 grouped output projection: per-group rank o_lora_rank
 STREAMS = "streams"  # residual streams of hyper-connections (mHC); replicated in every preset
+ENGRAM_ROWS = "engram_rows"  # rows of an Engram hash table (hundreds of millions): split over the param axes
 # activations
 ACT_BATCH = "act_batch"
 ACT_LENGTH = "act_length"
@@ -55,7 +56,7 @@ ACT_STREAMS = "act_streams"
 
 LOGICAL_AXES = (
     VOCAB, EMBED, EMBED_CONCAT, NORM, MLP, HEADS, HEAD_DIM, Q_LORA, KV_LORA, EXPERTS, EXPERT_MLP, LAYERS,
-    INDEX_HEADS, O_GROUPS, O_LORA, STREAMS,
+    INDEX_HEADS, O_GROUPS, O_LORA, STREAMS, ENGRAM_ROWS,
     ACT_BATCH, ACT_LENGTH, ACT_KV_LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_VOCAB, ACT_EXPERTS, ACT_STREAMS,
 )  # fmt: skip
 
@@ -71,16 +72,22 @@ def _preset(**overrides: AxisRule) -> dict[str, AxisRule]:
 RULES: dict[str, dict[str, AxisRule]] = {
     # Attention: x[B_(data,fsdp), T, D], every weight W[D_fsdp, ...] all-gathered before use (ZeRO-3).
     # MoE: tokens stay on their (data, fsdp) shard; all experts on every shard, weights gathered over fsdp.
-    "fsdp": _preset(embed="fsdp", act_batch=("data", "fsdp")),
+    # Engram tables T[rows_fsdp, W] (rows padded to a multiple of ENGRAM_ROW_ALIGN, so any power-of-two
+    # split up to that size divides them).
+    "fsdp": _preset(embed="fsdp", engram_rows="fsdp", act_batch=("data", "fsdp")),
     # Attention: as fsdp, with `expert` as one more batch axis: x[B_(data,fsdp,expert), T, D].
     # MoE: experts E_expert; tokens are exchanged by all-to-all over `expert` (dropless), each shard runs its
     # E/ep local experts; expert weights are gathered over fsdp only.
-    "fsdp_ep": _preset(embed="fsdp", experts="expert", act_batch=("data", "fsdp", "expert")),
+    # Engram tables T[rows_(fsdp,expert), W].
+    "fsdp_ep": _preset(
+        embed="fsdp", experts="expert", engram_rows=("fsdp", "expert"), act_batch=("data", "fsdp", "expert")
+    ),
     # Attention: heads N_tensor (wq_b[Q, N_tensor, H], wo[N_tensor, A, D] -> ReduceScatter over tensor),
     # weights also D_fsdp. MoE: expert hidden M_tensor (w1[E, D, M_tensor], w2 psum over tensor), tokens on
-    # (data, fsdp). Dense MLP F_tensor, vocab V_tensor.
+    # (data, fsdp). Dense MLP F_tensor, vocab V_tensor. Engram tables T[rows_(fsdp,tensor), W].
     "fsdp_tp": _preset(
         embed="fsdp",
+        engram_rows=("fsdp", "tensor"),
         heads="tensor",
         mlp="tensor",
         expert_mlp="tensor",
@@ -91,8 +98,10 @@ RULES: dict[str, dict[str, AxisRule]] = {
     ),
     # Attention: heads N_tensor with x[B_(data,expert), T, D] and unsharded D (no fsdp gathers).
     # MoE: experts E_expert with all-to-all over `expert`, expert hidden M_tensor (psum over tensor).
+    # Engram tables T[rows_(expert,tensor), W] (too large to replicate even without fsdp).
     "ep_tp": _preset(
         experts="expert",
+        engram_rows=("expert", "tensor"),
         heads="tensor",
         mlp="tensor",
         expert_mlp="tensor",

@@ -169,6 +169,8 @@ def local_experts(impl, num_tokens, block_size=md.SORTED_BLOCK_SIZE):
         return md.ragged_experts
     if impl == "capacity":
         return functools.partial(md.capacity_experts, capacity=num_tokens)
+    if impl == "gather":
+        return md.gathered_experts
     return functools.partial(md.sorted_experts, block_size=block_size)
 
 
@@ -179,6 +181,9 @@ def test_dispatch_matches_loop_oracle(impl, tiny_cfg):
         y = jax.jit(md.ragged_dispatch)(x, indices, weights, w1, w3, w2)
     elif impl == "capacity":
         dispatch = functools.partial(md.capacity_dispatch, capacity_factor=float(tiny_cfg.n_routed_experts))
+        y = jax.jit(dispatch)(x, indices, weights, w1, w3, w2)
+    elif impl == "gather":
+        dispatch = functools.partial(md.routed_experts, impl="gather", capacity_factor=None)
         y = jax.jit(dispatch)(x, indices, weights, w1, w3, w2)
     else:
         y = jax.jit(md.sorted_dispatch)(x, indices, weights, w1, w3, w2)
@@ -238,11 +243,15 @@ def test_sorted_with_fewer_blocks_than_its_largest_chunk(tiny_cfg):
     assert rel_err(y, np_expert_loop(x, indices, weights, w1, w3, w2)) < 1e-5
 
 
-def test_auto_impl_is_sorted_on_cpu():
+def test_auto_impl_is_gather_for_few_rows_else_sorted_on_cpu():
     assert jax.default_backend() == "cpu"
     assert md.resolve_impl("auto") == "sorted"
-    assert md.resolve_impl("ragged") == "ragged"
-    with pytest.raises(ValueError, match=r"moe_impl='sparse' is not one of \('auto', 'ragged', 'capacity', 'sorted'\)"):
+    assert md.resolve_impl("auto", num_rows=6, num_experts=64) == "gather"  # one decoded token, K = 6
+    assert md.resolve_impl("auto", num_rows=64, num_experts=64) == "gather"
+    assert md.resolve_impl("auto", num_rows=96, num_experts=64) == "sorted"
+    assert md.resolve_impl("ragged", num_rows=6, num_experts=64) == "ragged"
+    expected = r"moe_impl='sparse' is not one of \('auto', 'ragged', 'capacity', 'sorted', 'gather'\)"
+    with pytest.raises(ValueError, match=expected):
         md.resolve_impl("sparse")
 
 
@@ -510,8 +519,8 @@ MESHES = {
 
 @pytest.mark.multi_device
 @pytest.mark.parametrize(
-    ("preset", "impl"),  # 'sorted' only where experts are split (its local path is the same on the others)
-    [(p, i) for p in sorted(MESHES) for i in IMPLS if i != "sorted" or MESHES[p].get("expert", 1) > 1],
+    ("preset", "impl"),  # 'sorted', 'gather' only where experts are split (their local path is the same elsewhere)
+    [(p, i) for p in sorted(MESHES) for i in IMPLS if i in ("ragged", "capacity") or MESHES[p].get("expert", 1) > 1],
 )
 def test_sharded_moe_matches_unsharded(preset, impl):
     module, params, x, expected, expected_aux = unsharded_moe(impl)

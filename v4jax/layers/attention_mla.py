@@ -21,7 +21,9 @@
 
 Decoding (`extend`): the cache (`empty_mla_cache`) holds per token only c_kv [C] and k_rope [P] (and the
 V3.2 indexer key [J]), position-indexed; new tokens are written at their positions and attend in the
-absorbed form over the whole cache under the causal mask.
+absorbed form over the whole cache under the causal mask. In the inference parameter layout the absorbed
+products read Wkv_b head-major (`with_head_major_wkv_b`: 'BTNH,NHC->BTNC', 'BTNC,NAC->BTNA'), which spares
+the per-call transposition XLA makes for a per-head contraction of the stored [C, N, H+A] kernel.
 
 σ = qk_head_dim^-1/2 (× YaRN mscale²). Softmax in float32. Queries are processed in chunks of
 `q_chunk` tokens so the score tensor is [B, q_chunk, N, S], not [B, T, N, S]; the indexer scores and the
@@ -42,10 +44,25 @@ from v4jax import sharding as shd
 from v4jax.config import ModelConfig
 from v4jax.layers import cache_ops
 from v4jax.layers.dsa import Indexer, index_scores, indexer_kl, topk_mask
-from v4jax.layers.linear import Projection, RMSNorm
+from v4jax.layers.linear import Projection, RMSNorm, project
 from v4jax.layers.rope import apply_rope, rope_angles
 
 Q_CHUNK = 1024
+
+
+HEAD_MAJOR_K, HEAD_MAJOR_V = "wkv_b_k_heads", "wkv_b_v_heads"  # inference-layout copies of Wkv_b, head-major
+
+
+def with_head_major_wkv_b(attn_params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    """An MLA layer's params with Wkv_b's key and value parts added head-major, [N, H, C] and [N, A, C], for
+    the absorbed products of decoding (part of the inference layout, `model.unstack_layers`)."""
+    kernel = attn_params["wkv_b"]["kernel"]  # [C, N, H + A]
+    h = cfg.qk_nope_head_dim
+    return {
+        **attn_params,
+        HEAD_MAJOR_K: jnp.transpose(kernel[..., :h], (1, 2, 0)),
+        HEAD_MAJOR_V: jnp.transpose(kernel[..., h:], (1, 2, 0)),
+    }
 
 
 class IndexSelection(NamedTuple):
@@ -314,7 +331,13 @@ class MLA(nn.Module):
         def values(probs, start):
             return jnp.einsum("BTNS,BSC->BTNC", probs.astype(dt), c_kv, preferred_element_type=jnp.float32).astype(dt)
 
-        q_lat = self.wkv_b("BTNH,CNH->BTNC", q_nope, columns=(0, h))
+        if self.has_variable("params", HEAD_MAJOR_K):  # the inference layout (`with_head_major_wkv_b`)
+            w_uk, w_uv = self.get_variable("params", HEAD_MAJOR_K), self.get_variable("params", HEAD_MAJOR_V)
+            q_lat = project("BTNH,NHC->BTNC", q_nope, w_uk, dt)
+        else:
+            q_lat = self.wkv_b("BTNH,CNH->BTNC", q_nope, columns=(0, h))
         score_fn = self._score_fn("BTNC,BSC->BTNS", q_lat, c_kv, q_rope, k_rope)
         o_lat, _ = latent_attention(score_fn, values, q_positions, kv_positions, selection)
+        if self.has_variable("params", HEAD_MAJOR_V):
+            return project("BTNC,NAC->BTNA", o_lat, w_uv, dt)
         return self.wkv_b("BTNC,CNA->BTNA", o_lat, columns=(h, h + c.v_head_dim))

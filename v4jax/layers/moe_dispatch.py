@@ -15,6 +15,9 @@ Each of the T·K (token, slot) assignments is a *row*; an expert is SwiGLU over 
         out_chunk = swiglu('XD,DM->XM'(buf_chunk, W1[e]), 'XD,DM->XM'(buf_chunk, W3[e])) @ W2[e]   [X, D]
         backward (custom VJP, same loops): dW1[e] = Σ_chunks 'XD,XM->DM'(buf_chunk, dgate_chunk), likewise
         dW3 and dW2, accumulated per expert in a float32 [D, M] carry: no per-chunk weight-sized buffers
+    gather (dropless, for few rows: decoding): a loop over the T·K rows, each through its own expert
+        out[t, k] = swiglu('D,DM->M'(x[t], W1[e]), 'D,DM->M'(x[t], W3[e])) @ W2[e],   e = expert[t, k]
+        reads T·K experts' weights instead of all E; 'auto' takes it whenever T·K ≤ E
     capacity (drops over-capacity rows): rows gathered into a padded buffer buf[E, X, D]
         h    = silu('EXD,EDM->EXM' with W1) ⊙ ('EXD,EDM->EXM' with W3)
         out  = 'EXM,EMD->EXD' with W2
@@ -68,14 +71,18 @@ from v4jax.layers.linear import swiglu
 # `small_v4` at that batch ragged ran out of memory (a 69.7 GiB buffer on the 80 GB card).
 AUTO_IMPL: dict[str, str] = {}
 DEFAULT_IMPL = "sorted"
-IMPLS = ("ragged", "capacity", "sorted")
+IMPLS = ("ragged", "capacity", "sorted", "gather")
 SORTED_BLOCK_SIZE = 32  # bs of 'sorted': each expert's rows are padded to whole blocks of bs rows
 SORTED_CHUNKS = (4, 2, 1)  # blocks per matmul of 'sorted', largest first
 
 
-def resolve_impl(impl: str) -> str:
-    """One of IMPLS for the configured `moe_impl`; 'auto' looks at the default backend."""
+def resolve_impl(impl: str, num_rows: int | None = None, num_experts: int | None = None) -> str:
+    """One of IMPLS for the configured `moe_impl`. 'auto' is 'gather' when the `num_rows` (token, slot) rows
+    are at most the `num_experts` experts (decoding: reading the rows' experts beats reading all of them),
+    else the default backend's dispatch."""
     if impl == "auto":
+        if num_rows is not None and num_experts is not None and num_rows <= num_experts:
+            return "gather"
         return AUTO_IMPL.get(jax.default_backend(), DEFAULT_IMPL)
     if impl not in IMPLS:
         raise ValueError(f"moe_impl={impl!r} is not one of {('auto', *IMPLS)}")
@@ -153,6 +160,28 @@ def capacity_experts(
     out = mm("EXM,EMD->EXD", h, w2)  # [E, X, D] float32
     rows = out.at[flat, slot].get(mode="fill", fill_value=0)  # [K·T, D]
     return rows.reshape(k, t, -1).transpose(1, 0, 2)  # [T, K, D]
+
+
+def gathered_experts(
+    x: jax.Array, expert: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *, limit: float | None = None
+) -> jax.Array:
+    """Dropless: out[t, k] = FFN_{expert[t, k]}(x[t]) as float32 [T, K, D], one (token, slot) row at a time
+    (a scan over the T·K rows, each slicing its own expert's W1/W3 [D, M] and W2 [M, D]): T·K experts'
+    weights are read instead of E, so this is for T·K ≤ E (decoding). Padding ids (outside [0, E)) give
+    zero rows."""
+    t, k = expert.shape
+    e, dtype = w1.shape[0], x.dtype
+    flat = expert.reshape(-1)  # [T·K], row r is token r // K
+    valid = (flat >= 0) & (flat < e)
+
+    def row(_, inputs):
+        xr, er = inputs  # [D], []
+        w1e, w3e, w2e = (jax.lax.dynamic_index_in_dim(w, er, keepdims=False).astype(dtype) for w in (w1, w3, w2))
+        h = swiglu(_mm("D,DM->M", xr, w1e).astype(dtype), _mm("D,DM->M", xr, w3e).astype(dtype), limit)
+        return None, _mm("M,MD->D", h, w2e)
+
+    _, out = jax.lax.scan(row, None, (jnp.repeat(x, k, axis=0), jnp.where(valid, flat, 0)))  # [T·K, D]
+    return jnp.where(valid[:, None], out, 0.0).reshape(t, k, -1)
 
 
 class BlockLayout(NamedTuple):
@@ -388,7 +417,10 @@ def _local_experts(impl: str, capacity_factor: float | None, limit: float | None
     def block_sorted(x, expert, w1, w3, w2, expected_rows, max_per_expert):
         return sorted_experts(x, expert, w1, w3, w2, limit=limit)
 
-    return {"ragged": ragged, "capacity": capacity, "sorted": block_sorted}[impl]
+    def gather(x, expert, w1, w3, w2, expected_rows, max_per_expert):
+        return gathered_experts(x, expert, w1, w3, w2, limit=limit)
+
+    return {"ragged": ragged, "capacity": capacity, "sorted": block_sorted, "gather": gather}[impl]
 
 
 # ----------------------------------------------------------------- sharded dispatch
@@ -412,12 +444,12 @@ def routed_experts(
 
     Without a mesh (or without logical rules) this is the local dispatch. Under `sharding.use_mesh` it
     runs in `jax.shard_map`: tokens keep their ACT_BATCH sharding, weights their EXPERTS / EXPERT_MLP
-    sharding with D gathered. `impl` is 'ragged' | 'capacity' | 'sorted' | 'auto'; `capacity_factor` is
+    sharding with D gathered. `impl` is one of IMPLS or 'auto' (see `resolve_impl`); `capacity_factor` is
     used by 'capacity' only (the others are dropless). With expert parallelism (ep shards), capacity applies
     per shard to the rows it receives: X = ceil(factor · T_local·K / (E/ep)).
     """
     _check(x, indices, weights, w1, w3, w2)
-    local = _local_experts(resolve_impl(impl), capacity_factor, swiglu_limit)
+    local = _local_experts(resolve_impl(impl, indices.size, w1.shape[0]), capacity_factor, swiglu_limit)
     mesh = jax.sharding.get_abstract_mesh()
     rule_pairs = tuple(nn.get_logical_axis_rules())
     if mesh.empty or not rule_pairs:

@@ -11,7 +11,9 @@ the next tokens of every row at its own positions, so prompts of different lengt
 MLA's latent c_kv + shared rope key (+ V3.2 indexer keys), V4's window ring, compressed entries,
 compressor rings (pending and overlap tokens) and CSA indexer keys (`v4jax.layers.attention_*`,
 `compressor`). The cache is donated to every step and comes back updated; shapes never change, so each
-step compiles once per (batch, max_length, chunk).
+step compiles once per (batch, max_length, chunk). The steps run on the inference parameter layout
+(`inference_params`, one array per layer); the public functions here convert stacked parameters on entry,
+so convert once yourself when calling them repeatedly.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ def new_cache(cfg: ModelConfig, batch: int, max_length: int) -> dict[str, Any]:
     return {"layers": model.empty_cache(cfg, batch, max_length), "length": jnp.zeros((batch,), jnp.int32)}
 
 
+def inference_params(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` in the inference layout (`model.unstack_layers`); parameters already in it are returned as is."""
+    return params if model.is_unstacked(params) else model.unstack_layers(cfg, params)
+
+
 def cache_shardings(cache: dict[str, Any], mesh: jax.sharding.Mesh, preset: str) -> dict[str, Any]:
     """NamedShardings splitting a cache's batch over the mesh axes that carry the batch (`act_batch`) in the
     rule preset, as `make_forward` splits tokens. Place a cache with `jax.device_put(cache, shardings)`;
@@ -61,8 +68,13 @@ def _logits_at(transformer: Transformer, streams: jax.Array, index: jax.Array) -
 
 
 def advance(cfg: ModelConfig, params, cache, tokens, count, last_only: bool = True):
-    """The traceable step under `extend` / `prefill` / `decode_step`: tokens int32 [B,T], count int32 [B] ->
-    (logits float32 [B,V] after each row's last real token if `last_only`, else [B,T,V]; cache)."""
+    """The traceable step under `extend` / `prefill` / `decode_step`: params in the inference layout
+    (`inference_params`), tokens int32 [B,T], count int32 [B] -> (logits float32 [B,V] after each row's last
+    real token if `last_only`, else [B,T,V]; cache)."""
+    if not model.is_unstacked(params):
+        raise ValueError(
+            "the decoding steps take parameters in the inference layout: engine.inference_params(cfg, params)"
+        )
     b, t = tokens.shape
     positions = cache["length"][:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     transformer = Transformer(cfg)
@@ -101,7 +113,7 @@ def extend(
     every new position, cache). The cache passed in is donated (invalid afterwards)."""
     count = np.full((np.shape(tokens)[0],), np.shape(tokens)[1]) if count is None else count
     tokens, count = _check_step_inputs(cfg, cache, tokens, count)
-    return _extend(cfg, params, cache, tokens, count, last_only=False)
+    return _extend(cfg, inference_params(cfg, params), cache, tokens, count, last_only=False)
 
 
 def prefill(
@@ -123,7 +135,7 @@ def prefill(
     chunk = max(1, min(chunk, t))
     padded = -(-t // chunk) * chunk
     prompts = np.pad(prompts, ((0, 0), (0, padded - t)))
-    logits = None
+    params, logits = inference_params(cfg, params), None
     for start in range(0, padded, chunk):
         count = np.clip(lengths - start, 0, chunk).astype(np.int32)
         tokens, count_j = _check_step_inputs(cfg, cache, prompts[:, start : start + chunk], count)
@@ -141,4 +153,4 @@ def decode_step(
     tokens = jnp.asarray(tokens)[:, None]
     count = jnp.ones(tokens.shape[:1], jnp.int32) if active is None else jnp.asarray(active).astype(jnp.int32)
     tokens, count = _check_step_inputs(cfg, cache, tokens, count)
-    return _extend(cfg, params, cache, tokens, count, last_only=True)
+    return _extend(cfg, inference_params(cfg, params), cache, tokens, count, last_only=True)

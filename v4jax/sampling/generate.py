@@ -92,7 +92,7 @@ def generate(
     lengths = check_prompts(cfg, prompts, max_new_tokens)
     check_settings(temperature, top_k, top_p, key)
     stops = check_stop_tokens(cfg, stop_tokens)
-    b = len(prompts)
+    b, params = len(prompts), engine.inference_params(cfg, params)
     logits, cache = prefill_prompts(cfg, params, prompts, lengths, int(lengths.max()) + max_new_tokens, prefill_chunk)
     key = jax.random.key(0) if key is None else key  # unused when greedy
     out, n = _decode_loop(
@@ -152,6 +152,7 @@ def stream(
     lengths = check_prompts(cfg, [prompt], max_new_tokens)
     check_settings(temperature, top_k, top_p, key)
     stops = set(check_stop_tokens(cfg, stop_tokens).tolist())
+    params = engine.inference_params(cfg, params)
     logits, cache = prefill_prompts(cfg, params, [prompt], lengths, int(lengths[0]) + max_new_tokens, prefill_chunk)
     # committed like the step's outputs, so the first step and the later ones compile to one program
     key, logits = jax.device_put((jax.random.key(0) if key is None else key, logits), jax.devices()[0])

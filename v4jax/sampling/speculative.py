@@ -79,6 +79,7 @@ def speculative_generate(
     lengths = check_prompts(cfg, prompts, max_new_tokens + 1)  # verification runs one token ahead
     stops = check_stop_tokens(cfg, stop_tokens)
     _check_mtp(cfg, params)
+    params = engine.inference_params(cfg, params)
     b, longest = len(prompts), int(lengths.max())
     capacity = longest + max_new_tokens + 1
     cache = engine.new_cache(cfg, b, capacity)

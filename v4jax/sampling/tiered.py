@@ -168,6 +168,7 @@ def generate_tiered(
     lengths = check_prompts(cfg, prompts, max_new_tokens)
     check_settings(temperature, top_k, top_p, key)
     b, unit = len(prompts), slot_granularity(cfg)
+    params = engine.inference_params(cfg, params)
     capacity = -(-(int(lengths.max()) + max_new_tokens) // unit) * unit
     logits, cache = prefill_prompts(cfg, params, prompts, lengths, capacity, prefill_chunk)
     tiered = TieredCache(cfg, cache, capacity, tiers)
