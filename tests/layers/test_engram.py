@@ -38,17 +38,7 @@ VARIANTS = {
     "r4_nogate_conv": R4.replace(engram_gate=False),
     "r1_gate_conv": BASE,
 }
-V41 = presets.tiny().replace(
-    vocab_size=129280,
-    num_hidden_layers=40,
-    engram_layer_ids=(1, 14),
-    engram_max_ngram_size=4,
-    engram_n_heads=8,
-    engram_head_dim=4,
-    engram_vocab_size=(16_000_000,) * 3,
-    engram_compressed_vocab_size=99092,
-    engram_kernel_size=0,
-)
+V41 = presets.deepseek_v4_flash_engram()  # V4-Flash with DeepSeek-V4.1-Flash's Engram fields
 
 
 def rel_err(x, y) -> float:
@@ -441,7 +431,7 @@ def test_config_round_trip_and_derived_sizes():
     cfg = V41
     again = ModelConfig.from_dict(cfg.to_dict())
     assert again == cfg and isinstance(again.engram_layer_ids, tuple) and isinstance(again.engram_vocab_size, tuple)
-    assert cfg.engram_num_hash_heads == 24 and cfg.engram_dim == 96 and cfg.engram_vocab == 99092
+    assert cfg.engram_num_hash_heads == 24 and cfg.engram_dim == 6144 and cfg.engram_vocab == 99092
     assert R4.engram_conv_context == 9 and R4.replace(engram_kernel_size=0).engram_conv_context == 0
     assert BASE.replace(engram_compressed_vocab_size=0).engram_vocab == BASE.vocab_size
 
