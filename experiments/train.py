@@ -6,9 +6,11 @@
     python -m experiments.train --out runs/default --resume      # continue from the last checkpoint
 
 `--set key=value` overrides a `ModelConfig` field, or a `TrainConfig` field as `train.key`; unknown keys are
-an error. The model's vocabulary is set to the tokenizer's. The run directory gets `config.json` (model,
-training and data settings), `metrics.jsonl` (one line per step, plus evaluation lines), `loss.png`,
-`checkpoints/` (orbax; the data position and tokenizer beside the state), `sample.txt` and `summary.json`.
+an error. The model's vocabulary is set to the tokenizer's. A model with Engram layers also gets the
+tokenizer's compression: `engram_compressed_vocab_size` = its V', and its canonical-id map in the params'
+`canonical` constants (`v4jax.data.canonical`). The run directory gets `config.json` (model, training and
+data settings), `metrics.jsonl` (one line per step, plus evaluation lines), `loss.png`, `checkpoints/`
+(orbax; the data position and tokenizer beside the state), `sample.txt` and `summary.json`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from v4jax import data, presets
 from v4jax import sharding as shd
 from v4jax.checkpointing import Checkpointer, check_meta
 from v4jax.config import ModelConfig
+from v4jax.data.canonical import compressed_config, install_canonical
 from v4jax.flops import matmul_peak_flops, train_flops_per_token
+from v4jax.model import init_params
 from v4jax.sampling import generate
 from v4jax.train import TrainConfig, Trainer
 
@@ -103,6 +107,27 @@ def build_configs(args: argparse.Namespace, vocab_size: int) -> tuple[ModelConfi
     return cfg, tcfg.replace(**train_changes)
 
 
+def model_setup(
+    args: argparse.Namespace, tokenizer: data.Tokenizer
+) -> tuple[ModelConfig, TrainConfig, np.ndarray | None]:
+    """`build_configs` for `tokenizer`'s vocabulary, with Engram's tokenizer compression: a config with Engram
+    layers gets `engram_compressed_vocab_size` = the tokenizer's V', and its canonical map int32 [vocab] comes
+    back third (None without Engram) for `initial_params`."""
+    cfg, tcfg = build_configs(args, tokenizer.vocab_size)
+    try:
+        cfg, canonical = compressed_config(cfg, tokenizer)
+    except ValueError as e:
+        raise SystemExit(f"--set engram_compressed_vocab_size: {e}") from e
+    return cfg, tcfg, canonical
+
+
+def initial_params(cfg: ModelConfig, seed: int, canonical: np.ndarray | None) -> dict[str, Any]:
+    """`init_params(cfg, key(seed))` (what `Trainer.init(key)` draws), with the canonical map written into every
+    Engram layer's `canonical` constant when there is one."""
+    params = init_params(cfg, jax.random.key(seed))
+    return params if canonical is None else install_canonical(params, canonical)
+
+
 def parse_mesh(spec: str) -> jax.sharding.Mesh:
     sizes = {}
     for part in filter(None, spec.split(",")):
@@ -161,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
         tokenizer_path=args.tokenizer,
     )
-    cfg, tcfg = build_configs(args, bundle.tokenizer.vocab_size)
+    cfg, tcfg, canonical = model_setup(args, bundle.tokenizer)
     mesh = parse_mesh(args.mesh)
     trainer = Trainer(cfg, tcfg, mesh, args.rules)
     settings = {"model": cfg.to_dict(), "train": tcfg.to_dict(), "args": vars(args)}
@@ -179,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         start_step = bundle.train.check_state(meta["data"])
         print(f"resumed from step {start_step} in {out}", file=sys.stderr)
     else:
-        state = trainer.init(jax.random.key(args.seed))
+        state = trainer.init(params=initial_params(cfg, args.seed, canonical))
         (out / "metrics.jsonl").write_text("")
     (out / "config.json").write_text(json.dumps(settings, indent=2))
     bundle.tokenizer.save(out / "tokenizer.json")

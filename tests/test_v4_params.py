@@ -25,3 +25,16 @@ def test_hash_tables_are_not_parameters():
     cfg = presets.tiny_v4()
     total, _ = param_counts(cfg)
     assert total == param_counts(cfg.replace(num_hash_layers=0))[0]  # neither the table nor the bias counts
+
+
+def test_engram_tables_count_whole_in_total_and_by_the_rows_read_in_active():
+    """V4-Flash + V4.1's Engram: the released tables (384,006,168 and 384,016,682 rows of 256, padded to whole
+    blocks of 1024 rows) and each layer's value/key projections and gate vectors are parameters; a token
+    activates the projections, gate vectors and the 24 rows of 256 it reads per layer."""
+    flash, engram = presets.deepseek_v4_flash(), presets.deepseek_v4_flash_engram()
+    z, w, d, r = 24, 256, flash.hidden_size, flash.hc_mult
+    rows = [-(-n // 1024) * 1024 for n in (384_006_168, 384_016_682)]
+    projections = 2 * (z * w * d + d + z * w * r * d + 3 * r * d)  # wv, bv, wk, bk, key and hidden norms
+    (total, active), (base_total, base_active) = param_counts(engram), param_counts(flash)
+    assert total - base_total == sum(rows) * w + projections
+    assert active - base_active == projections + 2 * z * w

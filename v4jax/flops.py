@@ -33,11 +33,12 @@ def matmul_peak_flops(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> 
 def train_flops_per_token(cfg: ModelConfig, length: int) -> float:
     """Model FLOPs of one training token (forward + backward = 3x forward), MTP excluded.
 
-    Weight matmuls: 2 FLOPs per active weight (the embedding lookup is not a matmul). Attention: scores and
-    values over the keys a token attends to on average, 2·N·(score dim + value dim) per key per layer.
+    Weight matmuls: 2 FLOPs per active weight (the embedding and Engram table lookups are not matmuls).
+    Attention: scores and values over the keys a token attends to on average, 2·N·(score dim + value dim) per
+    key per layer.
     """
     _, active = param_counts(cfg)
-    matmul_params = active - cfg.vocab_size * cfg.hidden_size
+    matmul_params = active - cfg.vocab_size * cfg.hidden_size - len(cfg.engram_layer_ids) * cfg.engram_dim
     return 3 * (2 * matmul_params + attention_flops_per_token(cfg, length))
 
 

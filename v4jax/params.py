@@ -6,8 +6,9 @@ gradients is not counted: the routers' correction biases (`gate/bias`, moved by 
 buffers in transformers) and the V4 hash tables (`tid2eid`, integer constants). This reproduces HF's
 module-tree counts exactly (V4-Flash 284,332,230,231). `active` counts the weights one token touches:
 `total` minus the routed experts it is not sent to (E - K per MoE layer); it includes the whole input
-embedding and output head (DeepSeek's headline 37B / 13B / 49B leave out the input embedding).
-`include_mtp=True` adds the MTP modules to both.
+embedding and output head (DeepSeek's headline 37B / 13B / 49B leave out the input embedding). Engram
+tables count whole in `total` and in `active` only by the Z rows of engram_head_dim a token reads per Engram
+layer (`engram_table_params` is their whole size). `include_mtp=True` adds the MTP modules to both.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from v4jax.config import ModelConfig
+from v4jax.layers.engram import hash_plan
 from v4jax.model import abstract_params
 
 NOT_TRAINED = ("gate", "bias")  # path suffix of the routers' correction biases
@@ -43,6 +45,13 @@ def _routed_experts(tree: dict[str, Any]) -> int:
     return count
 
 
+def engram_table_params(cfg: ModelConfig) -> int:
+    """Weights of the Engram tables (rows padded as the parameter is, times engram_head_dim); 0 without Engram."""
+    if not cfg.engram_layer_ids:
+        return 0
+    return sum(layer.table_rows for layer in hash_plan(cfg).layers.values()) * cfg.engram_head_dim
+
+
 def param_counts(cfg: ModelConfig, *, include_mtp: bool = False) -> tuple[int, int]:
     """(total, active) parameter counts of `cfg` (see the module docstring for the convention)."""
     params = abstract_params(cfg)
@@ -53,7 +62,8 @@ def param_counts(cfg: ModelConfig, *, include_mtp: bool = False) -> tuple[int, i
         total += _size(mtp)
         experts += _routed_experts(mtp)
     unselected = (cfg.n_routed_experts - cfg.num_experts_per_tok) / cfg.n_routed_experts
-    return total, total - round(experts * unselected)
+    unread = engram_table_params(cfg) - len(cfg.engram_layer_ids) * cfg.engram_dim  # table rows not looked up
+    return total, total - round(experts * unselected) - unread
 
 
 def param_table(cfg: ModelConfig) -> list[tuple[str, int]]:
