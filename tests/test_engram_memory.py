@@ -192,6 +192,26 @@ def test_memory_mapped_tables_and_round_trip(tmp_path):
     np.testing.assert_allclose(on_disk[row], np.asarray(params["layers_1"]["engram"]["table"][0, row]) - count)
 
 
+def test_pinned_host_tables_match_numpy_tables():
+    """Tables in the JAX memory kind pinned_host: the same rows gathered into device memory and the same row
+    update (a scatter into the donated table, which stays in pinned_host memory) as NumPy tables."""
+    params, opt = _params(), em.RowOptimizer(kind="rowwise_adagrad", learning_rate=0.1)
+    in_ram, _ = em.HostTables.from_params(CFG, params, opt)
+    pinned, _ = em.HostTables.from_params(CFG, params, opt, placement="pinned_host")
+    assert pinned.tables[1].sharding.memory_kind == "pinned_host"
+    tokens = _tokens(seed=7)
+    a, b = in_ram.prefetch(tokens), pinned.prefetch(tokens)
+    assert b.rows["1"].sharding.memory_kind == "device"
+    np.testing.assert_array_equal(np.asarray(a.rows["1"]), np.asarray(b.rows["1"]))
+    grads = np.random.default_rng(3).normal(size=a.rows["1"].shape).astype(np.float32)
+    assert in_ram.apply_gradients(a.ids, {"1": grads}) and pinned.apply_gradients(b.ids, {"1": grads})
+    assert pinned.tables[1].sharding.memory_kind == "pinned_host"
+    np.testing.assert_array_equal(np.asarray(pinned.tables[1]), in_ram.tables[1])
+    assert not np.array_equal(in_ram.tables[1], np.asarray(params["layers_1"]["engram"]["table"][0]))
+    with pytest.raises(ValueError, match="placement='disk'; choose one of"):
+        em.HostTables.from_params(CFG, params, placement="disk")
+
+
 def test_errors_name_the_problem():
     params = _params()
     tables, without = em.HostTables.from_params(CFG, params)

@@ -16,11 +16,16 @@ from v4jax.sampling.speculative import speculative_generate
 
 RTOL = 1e-4
 PRESETS = ("tiny", "tiny_v32", "tiny_v4")
-EQUIVALENCE_PRESETS = (*PRESETS, "tiny_v4_engram")  # Engram: its n-gram context and conv inputs are cached too
+# Engram: its n-gram context and conv inputs are cached too ('tiny_v4_engram' cut to its first two layers:
+# sliding attention with hash routing, then CSA with Engram; no MTP)
+EQUIVALENCE_PRESETS = (*PRESETS, "tiny_v4_engram")
 LENGTHS = (23, 9, 16)  # a ragged batch: each row at its own positions, no left padding
 
 
 def _cfg(name):
+    if name == "tiny_v4_engram":
+        cfg = presets.get(name)
+        return cfg.replace(num_hidden_layers=2, layer_types=cfg.layer_types[:2], num_nextn_predict_layers=0)
     return presets.get(name)
 
 

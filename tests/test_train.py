@@ -253,9 +253,10 @@ def _one_device_losses():
 
 
 @pytest.mark.multi_device
-@pytest.mark.parametrize("preset", sorted(MESHES))
+@pytest.mark.parametrize("preset", ["fsdp_ep", "ep_tp"])  # between them: the fsdp, expert and tensor axes
 def test_same_losses_on_one_and_eight_devices(preset):
-    """3 steps (forward, backward, AdamW, bias update) on the 8-device mesh equal the one-device run (1e-5)."""
+    """3 steps (forward, backward, AdamW, bias update) on the 8-device mesh equal the one-device run (1e-5).
+    The forward of every rule preset is compared in tests/test_sharding.py."""
     trainer = Trainer(CFG, TCFG, sharding.make_mesh(*MESHES[preset]), preset)
     state, losses = trainer.init(params=_params()), []
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))

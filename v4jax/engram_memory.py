@@ -29,17 +29,21 @@ Ordering. Hashing (`lookup`) needs only token ids and can run any number of batc
 gathered after the previous step's row update (`gather` is the cheap part), else rows shared by
 consecutive batches are one update stale.
 
-Placement. The tables are writable NumPy arrays (updated in place, row by row), or `np.memmap` files under
-`spill_dir`. A jax array in `pinned_host` memory is immutable, so each sparse update would rewrite the
-whole table; on a GPU the gathered rows could be staged through pinned memory for an asynchronous copy.
-On a CPU backend "host" and "device" memory are the same DRAM: there the split only changes which program
-touches the table. One process holds every row of a table; over several hosts each would hold its row
-shard (rows split like ENGRAM_ROWS) and answer the lookups for it (not implemented).
+Placement (`placement`). 'numpy' (default): writable NumPy arrays in host RAM, updated in place row by row.
+'pinned_host': jax arrays in the JAX memory kind `pinned_host`; the batch's rows are gathered by a jitted
+gather whose output lands in device memory (the ids go to pinned_host memory too: XLA gathers within one
+memory space), and the row update is a jitted scatter of the changed rows into the donated table, which
+stays in pinned_host memory. With `spill_dir` the tables are `np.memmap` files on disk instead. On a GPU the
+pinned_host copy is what the device reads over PCIe; on a CPU backend "host" and "device" memory are the same
+DRAM, so there the placement only changes which program touches the table. One process holds every row of a
+table; over several hosts each would hold its row shard (rows split like ENGRAM_ROWS) and answer the lookups
+for it (not implemented).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tempfile
 from typing import Any, NamedTuple
@@ -53,6 +57,33 @@ from v4jax.layers.engram import layer_plan, ngram_hash_ids_np
 from v4jax.model import is_unstacked, layer_location, unstacked_name
 
 ROW_OPTIMIZERS = ("rowwise_adagrad", "sgd")
+PLACEMENTS = ("numpy", "pinned_host")
+_ROWS = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,))
+
+
+def _take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table[ids] for ids int32 [N] already checked to lie in the table: [N, W] (a plain `lax.gather`, which
+    unlike `jnp.take` adds no bound-check constants living in another memory space)."""
+    return jax.lax.gather(
+        table, ids[:, None], _ROWS, (1, table.shape[1]), mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+    )
+
+
+class _PinnedOps(NamedTuple):
+    """Jitted row access to a table in pinned_host memory of one device."""
+
+    host: jax.sharding.Sharding  # pinned_host memory of the device
+    read: Any  # (table, ids in pinned_host) -> rows [N, W] in device memory
+    write: Any  # (table (donated), ids [N], rows [N, W]) -> the table with those rows replaced, in pinned_host
+
+
+@functools.cache
+def _pinned_ops(device: jax.Device) -> _PinnedOps:
+    host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    on_device = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+    read = jax.jit(_take_rows, out_shardings=on_device)
+    write = jax.jit(lambda table, ids, rows: table.at[ids].set(rows), out_shardings=host, donate_argnums=0)
+    return _PinnedOps(host, read, write)
 
 
 # ----------------------------------------------------------------- where the tables are in a params tree
@@ -127,7 +158,8 @@ class Prefetched(NamedTuple):
 class HostTables:
     """The Engram tables of a model outside its device params, with their canonical maps and row optimizer.
 
-    Attributes: `tables` {layer: [table_rows, W]} (NumPy or np.memmap, weight dtype), `canonical` {layer:
+    Attributes: `tables` {layer: [table_rows, W]} (NumPy, np.memmap, or a jax array in pinned_host memory;
+    weight dtype), `canonical` {layer:
     int32 [vocab]}, `optimizer`, `accumulators` {layer: float32 [table_rows]} (row-wise Adagrad), `steps`.
     """
 
@@ -138,9 +170,15 @@ class HostTables:
         canonical: dict[int, np.ndarray],
         optimizer: RowOptimizer | None = None,
         spill_dir: str | None = None,
+        placement: str = "numpy",
     ):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"HostTables placement={placement!r}; choose one of {PLACEMENTS}")
+        if placement != "numpy" and spill_dir is not None:
+            raise ValueError("HostTables: spill_dir (memory-mapped tables) takes placement='numpy'")
         self.cfg = cfg
         self.optimizer = optimizer or RowOptimizer()
+        self.placement = placement
         self.spill_dir = None
         if spill_dir is not None:
             os.makedirs(spill_dir, exist_ok=True)
@@ -165,8 +203,11 @@ class HostTables:
                 self.accumulators[layer] = np.full(rows, self.optimizer.initial_accumulator, np.float32)
         self.steps = 0
 
-    def _store(self, layer: int, table: Any) -> np.ndarray:
-        """A writable host copy of `table` (a memory-mapped file under spill_dir when one is given)."""
+    def _store(self, layer: int, table: Any) -> np.ndarray | jax.Array:
+        """A writable host copy of `table`: NumPy, a memory-mapped file under spill_dir, or a jax array in
+        pinned_host memory (`placement`)."""
+        if self.placement == "pinned_host":
+            return jax.device_put(np.asarray(table), _pinned_ops(jax.devices()[0]).host)
         if self.spill_dir is None:
             return np.array(table)  # a copy: the update writes into it
         path = os.path.join(self.spill_dir, f"engram_table_{layer}.npy")
@@ -182,9 +223,11 @@ class HostTables:
         params: dict[str, Any],
         optimizer: RowOptimizer | None = None,
         spill_dir: str | None = None,
+        placement: str = "numpy",
     ) -> tuple[HostTables, dict[str, Any]]:
         """Move every Engram `table` out of a merged params tree (`model.init_params`, stacked or inference
-        layout) into host memory -> (HostTables, the params without the tables; other leaves as given)."""
+        layout) into host memory (`placement`, or disk with `spill_dir`) -> (HostTables, the params without the
+        tables; other leaves as given)."""
         if not cfg.engram_layer_ids:
             raise ValueError("HostTables.from_params: the config has no Engram layers (ModelConfig.engram_layer_ids)")
         unstacked = is_unstacked(params)
@@ -205,7 +248,7 @@ class HostTables:
                                      "layer group (1 expected)")  # fmt: skip
                 table, canon = table[repeat], canon[repeat]
             tables[layer], canonical[layer] = table, canon
-        return cls(cfg, tables, canonical, optimizer, spill_dir), without_tables(cfg, params)
+        return cls(cfg, tables, canonical, optimizer, spill_dir, placement), without_tables(cfg, params)
 
     def to_params(self, params: dict[str, Any]) -> dict[str, Any]:
         """`params` (without tables, as from `from_params`) with copies of the current tables put back (NumPy
@@ -245,10 +288,18 @@ class HostTables:
         (e.g. `Trainer.engram_rows_sharding`; None: the default device)."""
         rows = {}
         for key, layer_ids in ids.items():
-            table = self._table(key)
-            host = np.take(table, np.asarray(layer_ids), axis=0).astype(self.cfg.compute_dtype, copy=False)
-            rows[key] = jax.device_put(host, sharding)
+            layer_ids = np.asarray(layer_ids)
+            found = self._read(key, layer_ids.reshape(-1)).reshape(*layer_ids.shape, -1)
+            rows[key] = jax.device_put(found.astype(self.cfg.compute_dtype), sharding)
         return rows
+
+    def _read(self, key: str, ids: np.ndarray) -> np.ndarray | jax.Array:
+        """Rows ids [N] of layer `key`'s table: [N, W] (NumPy, or in device memory from a pinned_host table)."""
+        table = self._table(key)
+        if isinstance(table, np.ndarray):
+            return np.take(table, ids, axis=0)
+        ops = _pinned_ops(jax.devices()[0])
+        return ops.read(table, jax.device_put(ids.astype(np.int32), ops.host))
 
     def prefetch(
         self,
@@ -285,11 +336,15 @@ class HostTables:
                 acc = self.accumulators[int(key)]
                 acc[unique] += np.mean(np.square(grad), axis=-1)
                 step = grad / (np.sqrt(acc[unique])[:, None] + opt.eps)
-            table[unique] = (table[unique].astype(np.float32) - lr * step).astype(table.dtype)
+            rows = (np.asarray(self._read(key, unique), np.float32) - lr * step).astype(table.dtype)
+            if isinstance(table, np.ndarray):
+                table[unique] = rows
+            else:  # pinned_host: a scatter into the donated table
+                self.tables[int(key)] = _pinned_ops(jax.devices()[0]).write(table, unique.astype(np.int32), rows)
         self.steps += 1
         return True
 
-    def _table(self, key: str) -> np.ndarray:
+    def _table(self, key: str) -> np.ndarray | jax.Array:
         try:
             return self.tables[int(key)]
         except (KeyError, ValueError):
