@@ -266,8 +266,8 @@ def scanned_group(cfg: ModelConfig, group: LayerGroup) -> nn.Module:
         block,
         variable_axes={"params": 0, CONSTANTS: 0, INTERMEDIATES: 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),  # positions, token_ids, cache, count,
-        # engram_rows
+        # positions, token_ids, cache, count, engram_rows
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
         length=group.repeats,
         metadata_params={nn.PARTITION_NAME: shd.LAYERS},
     )
