@@ -371,7 +371,7 @@ class Engram(nn.Module):
         chex.assert_shape(canonical, (c.vocab_size,))
         ids = jnp.asarray(token_ids, jnp.int32)
         if context is None:
-            context = jnp.full((ids.shape[0], c.engram_max_ngram_size - 1), c.engram_pad_id, jnp.int32)
+            context = empty_engram_state(c, ids.shape[0]).context
         pad = canonical[c.engram_pad_id]
         return ngram_hash_ids(
             c, self.layer_id, canonicalize(canonical, ids), canonicalize(canonical, context), positions, pad
@@ -473,6 +473,6 @@ class Engram(nn.Module):
             rows = self.gather_rows(self.hash_ids(ids, context, positions))
         update, conv = self(streams, rows, None if state is None else state.conv, count, positions)
         if context is None:
-            context = jnp.full((ids.shape[0], self.cfg.engram_max_ngram_size - 1), self.cfg.engram_pad_id, jnp.int32)
+            context = empty_engram_state(self.cfg, ids.shape[0]).context
         new_context = keep_last(jnp.concatenate([context, ids], axis=1), count, context.shape[1])
         return update, EngramState(context=new_context, conv=conv)
