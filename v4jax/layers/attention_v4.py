@@ -22,7 +22,7 @@ separate no-rope, value or latent dims), carry V4 meanings here:
     o     = p_w·kv + p_y·entry (or p_u·entry[idx]) 'BTNS,BSC->BTNC' + 'BTNY,BYC->BTNC' / 'BTNU,BTUC->BTNC'
     o     = RoPE^-1(o)  (rotation by -t on the trailing P channels, at the query positions)
     o_g   = o·Wo_a   (o regrouped [O,B,T,H])       'OBTH,OHA->OBTA'
-    out   = o_g·Wo_b                               'OBTA,OAD->BTD'
+    out   = o_g·Wo_b                               'BTOA,OAD->BTD'  (o_g token-major again)
 
 Entries, the compressors and the indexer are in `v4jax.layers.compressor`. The sink enters only the softmax
 denominator: o = Σ e^{s}·v / (Σ e^{s} + e^{sink_n}); it is not multiplied by the softmax scale C^-1/2.
@@ -291,6 +291,7 @@ class AttentionV4(nn.Module):
         # group-major for the grouped projection: XLA:CPU cannot run 'BTOH,OHA->BTOA' as a bf16 dot with
         # float32 accumulation (DotThunk), 'OBTH,OHA->OBTA' it can
         o = jnp.moveaxis(o.reshape(b, t, c.o_groups, n * hd // c.o_groups), 2, 0)  # [O, B, T, H]
-        out = self.wo_b("OBTA,OAD->BTD", self.wo_a("OBTH,OHA->OBTA", o))
+        # back to token-major, so that Wo_b contracts (O, A) as one axis (`linear.merged_contraction`)
+        out = self.wo_b("BTOA,OAD->BTD", jnp.moveaxis(self.wo_a("OBTH,OHA->OBTA", o), 0, 2))
         chex.assert_shape(out, (b, t, c.hidden_size))
         return out

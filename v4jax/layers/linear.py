@@ -48,8 +48,24 @@ class Projection(nn.Module):
 
 def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """einsum(eqn, x, kernel) in `dtype` with float32 accumulation, returned in `dtype`."""
+    eqn, x, kernel = merged_contraction(eqn, x, kernel)
     y = jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
     return y.astype(dtype)
+
+
+def merged_contraction(eqn: str, x: jax.Array, kernel: jax.Array) -> tuple[str, jax.Array, jax.Array]:
+    """A product that contracts several trailing axes of x with the same leading axes of the kernel, e.g. Wo's
+    'BTNA,NAD->BTD', as the matmul over one merged axis ('BTF,FD->BTD' on x [B,T,N·A], W [N·A, D]); other
+    equations unchanged. The same numbers, but XLA:CPU otherwise copied the [N, A, D] weight into the layout of
+    x on every call (a transposed copy of each layer's Wo in every decoding step)."""
+    inputs, out = eqn.split("->")
+    lhs, rhs = inputs.split(",")
+    n = sum(1 for a in lhs if a in rhs and a not in out)  # contracted axes
+    if n < 2 or lhs[-n:] != rhs[:n] or out != lhs[:-n] + rhs[n:]:
+        return eqn, x, kernel
+    f = next(a for a in "FGHIJKLMOPQRSUVWXYZ" if a not in eqn)
+    merged = f"{lhs[:-n]}{f},{f}{rhs[n:]}->{out}"
+    return merged, x.reshape(*x.shape[:-n], -1), kernel.reshape(-1, *kernel.shape[n:])
 
 
 class RMSNorm(nn.Module):

@@ -103,8 +103,8 @@ def stream_mixes(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     """μ = RMSNorm_u(flat X) · fnᵀ in float32: streams [B, T, R, D], fn [Y, R·D] -> [B, T, Y]."""
     b, t, r, d = streams.shape
     flat = rms_norm(streams.reshape(b, t, r * d), None, eps)  # [B, T, R·D] float32
-    fn = fn.astype(jnp.float32).reshape(-1, r, d)  # [Y, R, D]
-    return jnp.einsum("BTRD,YRD->BTY", flat.reshape(b, t, r, d), fn, precision=HIGHEST)
+    # one contracting axis: over (R, D) as two, XLA:CPU copied fn transposed on every call
+    return jnp.matmul(flat, fn.astype(jnp.float32).T, precision=HIGHEST)
 
 
 def site_coefficients(

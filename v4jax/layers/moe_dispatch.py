@@ -15,9 +15,10 @@ Each of the T·K (token, slot) assignments is a *row*; an expert is SwiGLU over 
         out_chunk = swiglu('XD,DM->XM'(buf_chunk, W1[e]), 'XD,DM->XM'(buf_chunk, W3[e])) @ W2[e]   [X, D]
         backward (custom VJP, same loops): dW1[e] = Σ_chunks 'XD,XM->DM'(buf_chunk, dgate_chunk), likewise
         dW3 and dW2, accumulated per expert in a float32 [D, M] carry: no per-chunk weight-sized buffers
-    gather (dropless, for few rows: decoding): a loop over the T·K rows, each through its own expert
+    gather (dropless, for few rows: decoding): each of the T·K rows through its own expert
         out[t, k] = swiglu('D,DM->M'(x[t], W1[e]), 'D,DM->M'(x[t], W3[e])) @ W2[e],   e = expert[t, k]
-        reads T·K experts' weights instead of all E; 'auto' takes it whenever T·K ≤ E
+        reads T·K experts' weights instead of all E; 'auto' takes it whenever T·K ≤ E. On CPU (float32)
+        a native kernel reads the experts in place (`v4jax.kernels.cpu`); elsewhere an XLA scan over rows
     capacity (drops over-capacity rows): rows gathered into a padded buffer buf[E, X, D]
         h    = silu('EXD,EDM->EXM' with W1) ⊙ ('EXD,EDM->EXM' with W3)
         out  = 'EXM,EMD->EXD' with W2
@@ -50,6 +51,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec
 
 from v4jax import sharding as shd
+from v4jax.kernels import cpu as cpu_kernels
 from v4jax.layers.linear import swiglu
 
 # 'auto' is the dropless 'sorted' on every backend (AUTO_IMPL holds per-backend exceptions; none today).
@@ -165,10 +167,49 @@ def capacity_experts(
 def gathered_experts(
     x: jax.Array, expert: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *, limit: float | None = None
 ) -> jax.Array:
-    """Dropless: out[t, k] = FFN_{expert[t, k]}(x[t]) as float32 [T, K, D], one (token, slot) row at a time
-    (a scan over the T·K rows, each slicing its own expert's W1/W3 [D, M] and W2 [M, D]): T·K experts'
-    weights are read instead of E, so this is for T·K ≤ E (decoding). Padding ids (outside [0, E)) give
-    zero rows."""
+    """Dropless: out[t, k] = FFN_{expert[t, k]}(x[t]) as float32 [T, K, D], reading only the T·K rows'
+    experts' weights instead of all E: for T·K ≤ E (decoding). Padding ids (outside [0, E)) give zero rows.
+
+    On CPU with float32 operands this is the native kernel `v4jax.kernels.cpu.routed_experts` (XLA copies
+    each dynamically sliced expert before its product; the kernel reads it in place), differentiated through
+    `scanned_experts`; elsewhere, `scanned_experts`."""
+    if all(a.dtype == jnp.float32 for a in (x, w1, w3, w2)) and cpu_kernels.routed_experts_available():
+        return jax.lax.platform_dependent(
+            x,
+            expert,
+            w1,
+            w3,
+            w2,
+            cpu=functools.partial(_kernel_experts, limit),
+            default=functools.partial(scanned_experts, limit=limit),
+        )
+    return scanned_experts(x, expert, w1, w3, w2, limit=limit)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_experts(limit, x, expert, w1, w3, w2):
+    return cpu_kernels.routed_experts(x, expert, w1, w3, w2, limit)
+
+
+def _kernel_experts_fwd(limit, x, expert, w1, w3, w2):
+    return _kernel_experts(limit, x, expert, w1, w3, w2), (x, expert, w1, w3, w2)
+
+
+def _kernel_experts_bwd(limit, residuals, cotangent):
+    x, expert, w1, w3, w2 = residuals
+    _, pullback = jax.vjp(lambda *w: scanned_experts(w[0], expert, *w[1:], limit=limit), x, w1, w3, w2)
+    dx, d1, d3, d2 = pullback(cotangent)
+    return dx, None, d1, d3, d2
+
+
+_kernel_experts.defvjp(_kernel_experts_fwd, _kernel_experts_bwd)
+
+
+def scanned_experts(
+    x: jax.Array, expert: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *, limit: float | None = None
+) -> jax.Array:
+    """`gathered_experts` in XLA: a scan over the T·K (token, slot) rows, each slicing its own expert's
+    W1/W3 [D, M] and W2 [M, D]."""
     t, k = expert.shape
     e, dtype = w1.shape[0], x.dtype
     flat = expert.reshape(-1)  # [T·K], row r is token r // K

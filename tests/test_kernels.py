@@ -1,0 +1,112 @@
+"""The CPU routed-experts kernel (`v4jax.kernels.cpu`) against a float64 NumPy loop, its use by the 'gather'
+dispatch, its gradients, and its build errors."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from v4jax.kernels import cpu as cpu_kernels
+from v4jax.layers import moe_dispatch as md
+
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is not None
+needs_kernel = pytest.mark.skipif(
+    not HAS_COMPILER or os.environ.get("V4JAX_CPU_KERNELS") == "0",
+    reason="no C++ compiler ($CXX or g++) to build the CPU kernel, or V4JAX_CPU_KERNELS=0",
+)
+
+
+def np_rows(x, expert, w1, w3, w2, limit):
+    """float64 out[t, k] = swiglu(x[t] W1[e], x[t] W3[e]) W2[e] (zero for ids outside [0, E))."""
+    x, w1, w3, w2 = (np.asarray(a, np.float64) for a in (x, w1, w3, w2))
+    big = np.inf if limit is None else limit
+    t, k = expert.shape
+    out = np.zeros((t, k, x.shape[1]))
+    for i in range(t):
+        for j in range(k):
+            e = int(expert[i, j])
+            if 0 <= e < w1.shape[0]:
+                g, u = np.minimum(x[i] @ w1[e], big), np.clip(x[i] @ w3[e], -big, big)
+                out[i, j] = (g / (1 + np.exp(-g)) * u) @ w2[e]
+    return out
+
+
+def random_case(seed, t=3, k=4, e=9, d=37, m=23):
+    """Odd sizes (no vector-width multiples); two padding ids (−1 and E)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(t, d)).astype(np.float32)
+    w1, w3 = (rng.normal(size=(e, d, m)).astype(np.float32) / np.sqrt(d) for _ in range(2))
+    w2 = rng.normal(size=(e, m, d)).astype(np.float32) / np.sqrt(m)
+    expert = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
+    expert[0, 1], expert[2, 3] = -1, e
+    return x, expert, w1, w3, w2
+
+
+@needs_kernel
+def test_the_kernel_builds_on_a_machine_with_a_compiler():
+    assert cpu_kernels.routed_experts_available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("limit", [None, 0.5])
+def test_kernel_matches_a_float64_loop(limit):
+    assert cpu_kernels.routed_experts_available()
+    x, expert, w1, w3, w2 = random_case(0)
+    out = jax.jit(cpu_kernels.routed_experts, static_argnums=5)(x, expert, w1, w3, w2, limit)
+    expected = np_rows(x, expert, w1, w3, w2, limit)
+    if limit is not None:  # the clamp is active on part of the pre-activations
+        assert 0.05 < np.mean(np.einsum("TD,EDM->TEM", x, w1) > limit) < 0.5
+    assert out.shape == expected.shape and out.dtype == jnp.float32
+    np.testing.assert_array_equal(out[0, 1], 0.0)
+    np.testing.assert_array_equal(out[2, 3], 0.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_gather_dispatch_runs_the_kernel_on_cpu_and_its_gradients_are_the_scans():
+    assert cpu_kernels.routed_experts_available()
+    x, expert, w1, w3, w2 = random_case(1)
+    hlo = jax.jit(md.gathered_experts).lower(x, expert, w1, w3, w2).as_text()
+    assert cpu_kernels.TARGET in hlo
+    cot = np.random.default_rng(2).normal(size=(*expert.shape, x.shape[1])).astype(np.float32)
+
+    def loss(fn, x, w1, w3, w2):
+        return jnp.sum(fn(x, expert, w1, w3, w2, limit=0.5) * cot)
+
+    value, grads = jax.jit(jax.value_and_grad(lambda *a: loss(md.gathered_experts, *a), argnums=(0, 1, 2, 3)))(
+        x, w1, w3, w2
+    )
+    value_ref, grads_ref = jax.jit(jax.value_and_grad(lambda *a: loss(md.scanned_experts, *a), argnums=(0, 1, 2, 3)))(
+        x, w1, w3, w2
+    )
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_operands_keep_the_xla_path():
+    x, expert, w1, w3, w2 = (a.astype(jnp.bfloat16) if a.dtype == np.float32 else a for a in random_case(3))
+    hlo = jax.jit(md.gathered_experts).lower(x, expert, w1, w3, w2).as_text()
+    assert cpu_kernels.TARGET not in hlo
+
+
+def test_a_missing_compiler_is_a_clear_error(tmp_path: pathlib.Path):
+    with pytest.raises(RuntimeError, match=re.escape("no C++ compiler 'no-such-c++' on PATH")):
+        cpu_kernels.build(cpu_kernels.SOURCE, tmp_path, compiler="no-such-c++")
+    assert not list(tmp_path.iterdir())
+
+
+@needs_kernel
+def test_a_failed_build_quotes_the_compiler_and_leaves_no_library(tmp_path: pathlib.Path):
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++;\n")
+    with pytest.raises(RuntimeError, match="building broken.cc with .* failed:\n.*error"):
+        cpu_kernels.build(broken, tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())

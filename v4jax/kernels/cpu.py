@@ -1,0 +1,110 @@
+"""CPU kernels, compiled from C++ on first use and called through the XLA FFI.
+
+    routed_experts(x [T, D], expert [T, K], w1 [E, D, M], w3 [E, D, M], w2 [E, M, D], limit) -> [T, K, D]
+        out[t, k] = swiglu(x[t] @ W1[e], x[t] @ W3[e], limit) @ W2[e],  e = expert[t, k]   (float32)
+
+Why: XLA:CPU copies a dynamically sliced expert matrix out of the stacked weights before each
+matrix-vector product, so a decoding step's few-row expert FFNs move every chosen weight twice, at about
+half the memory bandwidth. `routed_experts_cpu.cc` streams the chosen experts' rows in place, its rows
+shared out over XLA's intra-op thread pool.
+
+Build: the system C++ compiler (`$CXX`, default `g++`) against jaxlib's FFI headers, into
+`$V4JAX_KERNEL_CACHE` (default `~/.cache/v4jax/kernels`), one library per (source, compiler, flags, jaxlib
+version, CPU); a finished build is renamed into place, so concurrent processes never load a partial file.
+`V4JAX_CPU_KERNELS=0` turns the kernels off. When a kernel cannot be built or loaded,
+`routed_experts_available()` is False (with a warning that says why) and callers keep their XLA path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name("routed_experts_cpu.cc")
+TARGET = "v4jax_routed_experts_f32"  # the FFI target name
+SYMBOL = "V4jaxRoutedExpertsF32"  # the handler the library exports
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes", "-Wno-return-type")
+
+
+def cache_dir() -> pathlib.Path:
+    """Where built kernels are kept: `$V4JAX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/v4jax/kernels` (~/.cache)."""
+    if os.environ.get("V4JAX_KERNEL_CACHE"):
+        return pathlib.Path(os.environ["V4JAX_KERNEL_CACHE"])
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "v4jax" / "kernels"
+
+
+def _cpu_flags() -> str:
+    """This CPU's feature flags (a `-march=native` build is only valid on a CPU that has them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def build(source: pathlib.Path, out_dir: pathlib.Path, compiler: str | None = None) -> pathlib.Path:
+    """Compile `source` into a shared library in `out_dir` (reused when already built) -> its path.
+
+    Raises RuntimeError naming the compiler and quoting its errors when it is missing or fails."""
+    compiler = compiler or os.environ.get("CXX", "g++")
+    exe = shutil.which(compiler)
+    if exe is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
+    key = hashlib.sha256(
+        "\0".join([source.read_text(), compiler, *FLAGS, jaxlib.__version__, _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    library = out_dir / f"{source.stem}-{key}.so"
+    if library.exists():
+        return library
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    command = [exe, *FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", tmp]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        os.unlink(tmp)
+        raise RuntimeError(f"building {source.name} with {compiler} failed:\n{done.stderr[-2000:]}")
+    os.replace(tmp, library)
+    return library
+
+
+@functools.cache
+def routed_experts_available() -> bool:
+    """Build (once per machine), load and register the routed-experts kernel; False when it cannot be."""
+    if os.environ.get("V4JAX_CPU_KERNELS", "1") == "0":
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build(SOURCE, cache_dir())))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as err:
+        warnings.warn(f"v4jax: CPU routed-experts kernel unavailable, using the XLA path: {err}", stacklevel=2)
+        return False
+    return True
+
+
+def routed_experts(
+    x: jax.Array, expert: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float | None
+) -> jax.Array:
+    """The kernel's out [T, K, D] float32 (module docstring); every input float32, ids outside [0, E) give zero
+    rows. CPU only, after `routed_experts_available()`; no derivative of its own (callers wrap it)."""
+    t, k = expert.shape
+    e, d, m = w1.shape
+    chex.assert_shape(x, (t, d))
+    chex.assert_shape([w1, w3], (e, d, m))
+    chex.assert_shape(w2, (e, m, d))
+    chex.assert_type([x, w1, w3, w2], jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((t, k, d), jnp.float32), vmap_method="sequential")
+    return call(x, expert.astype(jnp.int32), w1, w3, w2, limit=np.float32(np.inf if limit is None else limit))
