@@ -63,7 +63,7 @@ def merged_contraction(eqn: str, x: jax.Array, kernel: jax.Array) -> tuple[str, 
     n = sum(1 for a in lhs if a in rhs and a not in out)  # contracted axes
     if n < 2 or lhs[-n:] != rhs[:n] or out != lhs[:-n] + rhs[n:]:
         return eqn, x, kernel
-    f = next(a for a in "FGHIJKLMOPQRSUVWXYZ" if a not in eqn)
+    f = next(a for a in "FGHIJKLMOPQRSUVWXYZ" if a not in eqn)  # the merged axis: any letter eqn does not use
     merged = f"{lhs[:-n]}{f},{f}{rhs[n:]}->{out}"
     return merged, x.reshape(*x.shape[:-n], -1), kernel.reshape(-1, *kernel.shape[n:])
 

@@ -173,7 +173,8 @@ def gathered_experts(
     On CPU with float32 operands this is the native kernel `v4jax.kernels.cpu.routed_experts` (XLA copies
     each dynamically sliced expert before its product; the kernel reads it in place), differentiated through
     `scanned_experts`; elsewhere, `scanned_experts`."""
-    if all(a.dtype == jnp.float32 for a in (x, w1, w3, w2)) and cpu_kernels.routed_experts_available():
+    on_cpu = jax.default_backend() == "cpu"  # (a GPU host never builds the CPU kernel)
+    if on_cpu and all(a.dtype == jnp.float32 for a in (x, w1, w3, w2)) and cpu_kernels.routed_experts_available():
         return jax.lax.platform_dependent(
             x,
             expert,
