@@ -3,8 +3,9 @@
     python -m benchmarks.matvec --shapes 512x128,512x256,512x1024,512x2048,256x1024 --rows 1
 
 A batch-1 decoding step is a chain of [rows, K] @ [K, N] products, each waiting for the one before. This runs
-such a chain of `count` distinct float32 weights of one shape (64 MiB or more in all, twice this CPU's L3, so
-every weight comes from memory) in one jitted function and reports the weight bytes streamed per second, next to
+such a chain of distinct float32 weights of one shape (`--total-mib`, default 64 MiB, twice this CPU's L3, so
+that the weights come from memory; at most 256 products, which keeps compilation short: the smallest shapes
+hold less) in one jitted function and reports the weight bytes streamed per second, next to
 the machine's copy bandwidth measured in the same process (`benchmarks.decode.memory_bandwidth`). It shows how
 much of a decoding step's time is the per-product cost rather than the bytes: the bandwidth a product reaches
 grows with its size. Not a test.
@@ -19,9 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import best_time
-from benchmarks.decode import memory_bandwidth
-
-F32 = 4
+from benchmarks.decode import F32, memory_bandwidth
 
 
 def chained_products(rows: int, k: int, n: int, total_bytes: int, repeats: int) -> tuple[int, float]:
