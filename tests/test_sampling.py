@@ -222,7 +222,7 @@ def test_sharded_cache_decodes_like_one_device():
     cache = jax.device_put(cache, engine.cache_shardings(cache, mesh, "fsdp"))
     placed = model.shard_params(cfg, params, mesh, "fsdp")
     logits, cache = extend(cfg, placed, cache, tokens[:, :5])
-    assert not cache["layers"]["moe_layers"]["c_kv"].sharding.is_fully_replicated
+    assert not cache["layers"][model.unstacked_name(1)]["c_kv"].sharding.is_fully_replicated
     nxt, _ = decode_step(cfg, placed, cache, tokens[:, 5])
     _assert_close(np.asarray(logits), np.asarray(ref), "sharded prefill")
     _assert_close(np.asarray(nxt), np.asarray(ref_next), "sharded decode step")

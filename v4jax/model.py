@@ -160,21 +160,13 @@ def empty_layer_cache(cfg: ModelConfig, kind: LayerKind, batch: int, max_length:
 
 
 def empty_cache(cfg: ModelConfig, batch: int, max_length: int) -> dict[str, Any]:
-    """The decoder's inference cache before any token: {group name: the group's layer caches stacked on a
-    leading `layers` axis (a tuple of them, one per period position, for groups of a 2-layer period)}.
-
-    Sequences of up to `max_length` tokens. See `Transformer.extend`.
+    """The decoder's inference cache before any token: {`unstacked_name(i)`: decoder layer i's cache}, one
+    buffer per leaf and layer as in the inference parameter layout (a stacked cache made XLA copy the whole
+    stack for each layer's update). Sequences of up to `max_length` tokens. See `Transformer.extend`.
     """
-
-    def stacked(kind, repeats):
-        one = empty_layer_cache(cfg, kind, batch, max_length)
-        return jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats, *x.shape)), one)
-
-    caches = {}
-    for group in layer_groups(cfg):
-        per_kind = tuple(stacked(kind, group.repeats) for kind in group.period)
-        caches[group.name] = per_kind[0] if len(group.period) == 1 else per_kind
-    return caches
+    return {
+        unstacked_name(i): empty_layer_cache(cfg, kind, batch, max_length) for i, kind in enumerate(layer_kinds(cfg))
+    }
 
 
 class DecoderLayer(nn.Module):
@@ -386,13 +378,8 @@ class Transformer(nn.Module):
         chex.assert_shape([positions, token_ids], embeds.shape[:2])
         streams, cache = expand_streams(embeds, c), dict(cache)
         for index, layer in enumerate(self.unstacked):
-            group, r, sub = layer_location(c, index)
-            j = None if sub is None else int(sub.removeprefix("layer_"))
-            stacked = cache[group] if j is None else cache[group][j]  # [repeats, ...] per leaf
-            own = jax.tree.map(lambda x, r=r: x[r], stacked)
-            streams, layer_cache = layer(streams, positions, token_ids, own, count)
-            stacked = jax.tree.map(lambda x, y, r=r: x.at[r].set(y), stacked, layer_cache)
-            cache[group] = stacked if j is None else (*cache[group][:j], stacked, *cache[group][j + 1 :])
+            name = unstacked_name(index)
+            streams, cache[name] = layer(streams, positions, token_ids, cache[name], count)
         return streams, cache
 
     def draft(

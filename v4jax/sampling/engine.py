@@ -53,12 +53,10 @@ def cache_shardings(cache: dict[str, Any], mesh: jax.sharding.Mesh, preset: str)
     the jitted steps keep that layout (params placed by `model.shard_params`)."""
     batch = shd.logical_to_spec((shd.ACT_BATCH,), shd.rules(preset))[0]
 
-    def sharding(path, leaf):
-        stacked = jax.tree_util.keystr(path).startswith("['layers']")  # [layers, B, ...]; 'length' is [B]
-        spec = (None, batch) if stacked else (batch,)
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec, *([None] * (leaf.ndim - len(spec)))))
+    def sharding(leaf):  # every leaf is [B, ...]
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch, *([None] * (leaf.ndim - 1))))
 
-    return jax.tree_util.tree_map_with_path(sharding, cache)
+    return jax.tree.map(sharding, cache)
 
 
 def _logits_at(transformer: Transformer, streams: jax.Array, index: jax.Array) -> jax.Array:

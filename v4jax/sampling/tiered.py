@@ -36,7 +36,7 @@ from v4jax.sampling.generate import check_prompts, prefill_prompts, sample_and_a
 from v4jax.sampling.samplers import check_settings
 
 POSITION_INDEXED = ("c_kv", "k_rope", "index_k", "entries")
-SLOT_AXIS = 2  # [layers, B, S, ...] in a layer group's stacked cache
+SLOT_AXIS = 1  # [B, S, ...] in a layer's cache
 
 
 @dataclasses.dataclass(frozen=True)
