@@ -32,10 +32,11 @@ from flax import traverse_util
 
 from v4jax import sharding as shd
 from v4jax.config import ModelConfig
+from v4jax.layers import attention_mla, attention_v4
 from v4jax.layers.attention_mla import MLA, empty_mla_cache, with_head_major_wkv_b
 from v4jax.layers.attention_v4 import AttentionV4, empty_v4_cache
 from v4jax.layers.engram import Engram, empty_engram_state
-from v4jax.layers.linear import Embed, Projection, RMSNorm
+from v4jax.layers.linear import Embed, Projection, RMSNorm, fuse_projections
 from v4jax.layers.mhc import INTERMEDIATES, HyperConnection, HyperHead, composite_gain, expand_streams
 from v4jax.layers.mlp import MLP
 from v4jax.layers.moe import CONSTANTS, MoE
@@ -129,22 +130,36 @@ def is_unstacked(params: dict[str, Any]) -> bool:
 
 @functools.partial(jax.jit, static_argnums=0)
 def unstack_layers(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """The inference layout of `params` (used by `Transformer.extend`): every layer group's stacked subtree
-    replaced by one subtree per decoder layer, `unstacked_name(i)`, each leaf its own array; the rest as is.
+    """The inference layout of `params` (used by `Transformer.extend` and `draft`): every layer group's stacked
+    subtree replaced by one subtree per decoder layer, `unstacked_name(i)`, each leaf its own array, and each
+    decoder layer's (also each MTP block's) attention as `inference_layer` gives it; the rest as is.
 
-    MLA layers also get Wkv_b head-major (`attention_mla.with_head_major_wkv_b`). A copy of the layer
-    weights (jitted, so each layer's arrays are separate buffers): convert once and keep this copy for
-    inference. Training and `forward` use the stacked layout.
+    A copy of the layer weights (jitted, so each layer's arrays are separate buffers): convert once and keep
+    this copy for inference. Training and `forward` use the stacked layout.
     """
     out = {k: v for k, v in params.items() if k not in {g.name for g in layer_groups(cfg)}}
     for index, kind in enumerate(layer_kinds(cfg)):
         group, repeat, sub = layer_location(cfg, index)
         tree = params[group] if sub is None else params[group][sub]
-        layer = jax.tree.map(lambda x, r=repeat: x[r], tree)
-        if kind.attention == "mla":
-            layer = {**layer, "attn": with_head_major_wkv_b(layer["attn"], cfg)}
-        out[unstacked_name(index)] = layer
+        out[unstacked_name(index)] = inference_layer(cfg, kind, jax.tree.map(lambda x, r=repeat: x[r], tree))
+    for k in range(cfg.num_nextn_predict_layers):
+        if f"mtp_{k}" in out:
+            mtp = out[f"mtp_{k}"]
+            out[f"mtp_{k}"] = {**mtp, "block": inference_layer(cfg, mtp_layer_kind(cfg), mtp["block"])}
     return out
+
+
+def inference_layer(cfg: ModelConfig, kind: LayerKind, layer: dict[str, Any]) -> dict[str, Any]:
+    """One decoder layer's params in the inference layout: the projections of the attention input fused into
+    one kernel (`linear.fuse_projections` of the attention's `fused_inputs`), and MLA's Wkv_b also head-major
+    (`attention_mla.with_head_major_wkv_b`)."""
+    attn = layer["attn"]
+    if kind.attention == "mla":
+        attn = with_head_major_wkv_b(attn, cfg)
+        attn = fuse_projections(attn, attention_mla.FUSED_INPUTS, attention_mla.fused_inputs(cfg))
+    else:
+        attn = fuse_projections(attn, attention_v4.FUSED_INPUTS, attention_v4.fused_inputs(kind.attention))
+    return {**layer, "attn": attn}
 
 
 def empty_layer_cache(cfg: ModelConfig, kind: LayerKind, batch: int, max_length: int) -> dict[str, Any]:

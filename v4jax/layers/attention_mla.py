@@ -44,7 +44,7 @@ from v4jax import sharding as shd
 from v4jax.config import ModelConfig
 from v4jax.layers import cache_ops
 from v4jax.layers.dsa import Indexer, index_scores, indexer_kl, topk_mask
-from v4jax.layers.linear import Projection, RMSNorm, project
+from v4jax.layers.linear import Projection, RMSNorm, fused_projection, project
 from v4jax.layers.rope import apply_rope, rope_angles
 
 Q_CHUNK = 1024
@@ -148,6 +148,15 @@ def index_score_fn(q_idx: jax.Array, w_idx: jax.Array, q_positions: jax.Array, k
     return scores
 
 
+FUSED_INPUTS = "x_proj"  # the inference layout's fused kernel of the projections of x (`fused_inputs`)
+
+
+def fused_inputs(cfg: ModelConfig) -> tuple[str, ...]:
+    """The projections of the attention input x that the inference layout fuses into one kernel
+    (`linear.fuse_projections`, param `FUSED_INPUTS`), in order: the query's first projection and Wkv_a."""
+    return ("wq" if cfg.q_lora_rank is None else "wq_a", "wkv_a")
+
+
 class MLA(nn.Module):
     """MLA self-attention. `__call__` uses the naive form, `absorbed` the latent-space form.
 
@@ -174,23 +183,24 @@ class MLA(nn.Module):
         if c.index_n_heads:
             self.indexer = Indexer(c)
 
-    def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-        """(q_nope [B,T,N,H], q_rope [B,T,N,P] with rope applied, c_q [B,T,Q] or None without q_lora_rank)."""
+    def queries(
+        self, q_proj: jax.Array, cos: jax.Array, sin: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """(q_nope [B,T,N,H], q_rope [B,T,N,P] with rope applied, c_q [B,T,Q] or None without q_lora_rank)
+        from the query projection of x: x·Wq_a [B,T,Q], or x·Wq [B,T,N,H+P] without q_lora_rank."""
         c = self.cfg
         if c.q_lora_rank is None:
-            c_q = None
-            q = self.wq("BTD,DNH->BTNH", x)
+            c_q, q = None, q_proj
         else:
-            c_q = self.q_norm(self.wq_a("BTD,DQ->BTQ", x))
+            c_q = self.q_norm(q_proj)
             q = self.wq_b("BTQ,QNH->BTNH", c_q)
         q = shd.constrain(q, (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_HEADS, None))
         q_nope, q_rope = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
         return q_nope, apply_rope(q_rope, cos, sin, c.rope_interleave), c_q
 
-    def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The per-token state a cache holds: (c_kv [B,S,C] normalised, k_rope [B,S,P] rotated)."""
+    def latents(self, kv_a: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The per-token state a cache holds, (c_kv [B,S,C] normalised, k_rope [B,S,P] rotated), from x·Wkv_a."""
         c = self.cfg
-        kv_a = self.wkv_a("BTD,DC->BTC", x)
         c_kv = self.kv_norm(kv_a[..., : c.kv_lora_rank])
         k_rope = apply_rope(kv_a[..., c.kv_lora_rank :], cos, sin, c.rope_interleave)
         return c_kv, k_rope
@@ -229,15 +239,22 @@ class MLA(nn.Module):
 
         return scores
 
-    def _projections(self, x: jax.Array, positions: jax.Array):
-        """(cos, sin, q_nope, q_rope, c_q, c_kv, k_rope) of self-attention over x [B,T,D] at positions [B,T]."""
+    def _projections(self, x: jax.Array, positions: jax.Array, fused: bool = False):
+        """(cos, sin, q_nope, q_rope, c_q, c_kv, k_rope) of self-attention over x [B,T,D] at positions [B,T];
+        `fused`: x's projections from the inference layout's one fused kernel (`fused_inputs`)."""
         c = self.cfg
         b, t, _ = x.shape
         chex.assert_shape(x, (b, t, c.hidden_size))
         chex.assert_shape(positions, (b, t))
         cos, sin = rope_angles(c, positions)
-        q_nope, q_rope, c_q = self.queries(x, cos, sin)
-        c_kv, k_rope = self.latents(x, cos, sin)
+        if fused:
+            shapes = [getattr(self, name).shape[1:] for name in fused_inputs(c)]
+            q_proj, kv_a = fused_projection(self, FUSED_INPUTS, x, shapes, c.compute_dtype)
+        else:
+            q_proj = self.wq("BTD,DNH->BTNH", x) if c.q_lora_rank is None else self.wq_a("BTD,DQ->BTQ", x)
+            kv_a = self.wkv_a("BTD,DC->BTC", x)
+        q_nope, q_rope, c_q = self.queries(q_proj, cos, sin)
+        c_kv, k_rope = self.latents(kv_a, cos, sin)
         return cos, sin, q_nope, q_rope, c_q, c_kv, k_rope
 
     def _self_attention_inputs(self, x: jax.Array, positions: jax.Array):
@@ -285,13 +302,13 @@ class MLA(nn.Module):
         x [B,T,D] at positions [B,T] = start[b] + 0..T-1, of which the first count[b] are real (the rest,
         a ragged batch's padding, are not cached). The cache (`empty_mla_cache`) is position-indexed [B, S, .]:
         c_kv [B,S,C] and k_rope [B,S,P] (nothing expanded per head), and index_k [B,S,J] with the indexer.
-        Returns (out [B,T,D], the cache).
+        Returns (out [B,T,D], the cache). Needs the inference layout (x's projections fused, `fused_inputs`).
         """
         c = self.cfg
         b, t, _ = x.shape
         chex.assert_shape(count, (b,))
         s = cache["c_kv"].shape[1]
-        cos, sin, q_nope, q_rope, c_q, c_kv, k_rope = self._projections(x, positions)
+        cos, sin, q_nope, q_rope, c_q, c_kv, k_rope = self._projections(x, positions, fused=True)
         keep = cache_ops.valid_tokens(count, t)
         cache = {
             **cache,

@@ -75,7 +75,7 @@ from v4jax.config import LAYER_TYPES, ModelConfig
 from v4jax.layers import cache_ops
 from v4jax.layers.compressor import Compressor, Indexer, empty_compressor_state, top_k_entries, v4_rope
 from v4jax.layers.dsa import index_scores, indexer_kl
-from v4jax.layers.linear import Projection, RMSNorm, rms_norm
+from v4jax.layers.linear import Projection, RMSNorm, fused_projection, rms_norm
 from v4jax.layers.rope import apply_trailing_rope, rope_cos_sin
 
 Q_CHUNK = 256
@@ -104,6 +104,20 @@ def empty_v4_cache(cfg: ModelConfig, layer_type: str, batch: int, max_length: in
         cache["compressor"] = empty_compressor_state(c, c.compress_rate_csa, c.head_dim, True, batch, max_length)
         cache["indexer"] = empty_compressor_state(c, c.compress_rate_csa, c.index_head_dim, True, batch, max_length)
     return cache
+
+
+FUSED_INPUTS = "x_proj"  # the inference layout's fused kernel of the projections of x (`fused_inputs`)
+
+
+def fused_inputs(layer_type: str) -> tuple[str, ...]:
+    """The projections of the attention input x that the inference layout fuses into one kernel
+    (`linear.fuse_projections`, param `FUSED_INPUTS`), as paths under the attention module, in order."""
+    members = ("wq_a", "wkv")
+    if layer_type != SLIDING:
+        members += ("compressor/wkv", "compressor/wgate")
+    if layer_type == CSA:
+        members += ("indexer/compressor/wkv", "indexer/compressor/wgate", "indexer/weights_proj")
+    return members
 
 
 class AttentionV4(nn.Module):
@@ -142,41 +156,40 @@ class AttentionV4(nn.Module):
     def rate(self) -> int:
         return self.cfg.compress_rate_hca if self.layer_type == HCA else self.cfg.compress_rate_csa
 
-    def _inputs(self, x: jax.Array, positions: jax.Array):
-        """(cos, sin, c^Q [B,T,Q], q [B,T,N,C], kv [B,T,C]) of x [B,T,D] at positions [B,T]."""
+    def _inputs(self, q_a: jax.Array, kv_a: jax.Array, positions: jax.Array):
+        """(cos, sin, c^Q [B,T,Q], q [B,T,N,C], kv [B,T,C]) from the projections x·Wq_a [B,T,Q] and x·Wkv [B,T,C]
+        of the attention input, at positions [B,T]."""
         c = self.cfg
-        b, t, _ = x.shape
-        chex.assert_shape(x, (b, t, c.hidden_size))
-        chex.assert_shape(positions, (b, t))
+        b, t = positions.shape
+        chex.assert_shape(q_a, (b, t, c.q_lora_rank))
+        chex.assert_shape(kv_a, (b, t, c.head_dim))
         cos, sin = rope_cos_sin(positions, *v4_rope(c, compressed=self.layer_type != SLIDING))
-        q_latent = self.q_norm(self.wq_a("BTD,DQ->BTQ", x))
+        q_latent = self.q_norm(q_a)
         q = self.wq_b("BTQ,QNC->BTNC", q_latent)
         q = apply_trailing_rope(rms_norm(q, None, c.rms_norm_eps).astype(c.compute_dtype), cos, sin)
         q = shd.constrain(q, (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_HEADS, None))
-        kv = apply_trailing_rope(self.kv_norm(self.wkv("BTD,DC->BTC", x)), cos, sin)
+        kv = apply_trailing_rope(self.kv_norm(kv_a), cos, sin)
         kv = shd.constrain(kv, (shd.ACT_BATCH, shd.ACT_KV_LENGTH, None))
         return cos, sin, q_latent, q, kv
-
-    def _indexer_queries(self, x: jax.Array, q_latent: jax.Array, positions: jax.Array):
-        """The CSA indexer's (q^I, w), with detached inputs in indexer training."""
-        if self.cfg.indexer_training is not None:
-            x, q_latent = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent)
-        return self.indexer.queries(x, q_latent, positions)
 
     def attend(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """x [B,T,D], positions [B,T] (0..T-1) -> (out [B,T,D], the indexer's KL float32 [B,T] on CSA layers in
         indexer training, else None)."""
-        w = self.cfg.sliding_window
-        cos, sin, q_latent, q, kv = self._inputs(x, positions)
+        c = self.cfg
+        w = c.sliding_window
+        chex.assert_shape(x, (*positions.shape, c.hidden_size))
+        q_a, kv_a = self.wq_a("BTD,DQ->BTQ", x), self.wkv("BTD,DC->BTC", x)
+        cos, sin, q_latent, q, kv = self._inputs(q_a, kv_a, positions)
         keys = jnp.pad(kv, ((0, 0), (w - 1, 0), (0, 0)))  # [B, W-1+T, C]; key row r is at position r-(W-1)
         key_pos = jnp.pad(positions, ((0, 0), (w - 1, 0)), constant_values=-_FAR)
         entries = index = None
         if self.layer_type != SLIDING:
             entries = self.compressor(x)  # [B, Y, C]
         if self.layer_type == CSA:
-            training = self.cfg.indexer_training is not None
-            ikeys = self.indexer.compressor(jax.lax.stop_gradient(x) if training else x)
-            index = (*self._indexer_queries(x, q_latent, positions), ikeys)
+            if c.indexer_training is not None:  # the indexer's inputs are detached: only its KL trains it
+                x, q_latent = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent)
+            queries = self.indexer.queries(self.indexer.head_logits(x), q_latent, positions)
+            index = (*queries, self.indexer.compressor(x))
         o, kl = self._attend(q, positions, keys, key_pos, entries, index)
         return self._output(o, cos, sin), kl
 
@@ -191,12 +204,16 @@ class AttentionV4(nn.Module):
           window      [B, W, C]  the last W tokens' K=V vectors, ring by position mod W
           compressor  `CompressorState` of the entries (HCA, CSA);  indexer  the same for the indexer keys (CSA)
         Returns (out [B,T,D], the cache after start[b] + count[b] tokens).
+        Needs the inference layout: every projection of x in one fused kernel (`fused_inputs`).
         """
         w = self.cfg.sliding_window
         b, t, _ = x.shape
         start = positions[:, 0]
         chex.assert_shape(count, (b,))
-        cos, sin, q_latent, q, kv = self._inputs(x, positions)
+        members = fused_inputs(self.layer_type)
+        shapes = [self._submodule(path).shape[1:] for path in members]
+        proj = dict(zip(members, fused_projection(self, FUSED_INPUTS, x, shapes, self.cfg.compute_dtype), strict=True))
+        cos, sin, q_latent, q, kv = self._inputs(proj["wq_a"], proj["wkv"], positions)
         keys = jnp.concatenate([cache_ops.ring_in_order(cache["window"], start), kv.astype(cache["window"].dtype)], 1)
         key_pos = start[:, None] - w + jnp.arange(w + t)[None, :]  # [B, W+T]
         end = start + count
@@ -204,13 +221,22 @@ class AttentionV4(nn.Module):
         key_pos = jnp.where(key_pos < 0, -_FAR, key_pos)
         entries = index = None
         if self.layer_type != SLIDING:
-            new_cache["compressor"] = self.compressor.extend(x, start, count, cache["compressor"])
+            kv_gate = proj["compressor/wkv"], proj["compressor/wgate"]
+            new_cache["compressor"] = self.compressor.extend(*kv_gate, start, count, cache["compressor"])
             entries = new_cache["compressor"].entries
         if self.layer_type == CSA:
-            new_cache["indexer"] = self.indexer.compressor.extend(x, start, count, cache["indexer"])
-            index = (*self._indexer_queries(x, q_latent, positions), new_cache["indexer"].entries)
+            kv_gate = proj["indexer/compressor/wkv"], proj["indexer/compressor/wgate"]
+            new_cache["indexer"] = self.indexer.compressor.extend(*kv_gate, start, count, cache["indexer"])
+            queries = self.indexer.queries(proj["indexer/weights_proj"], q_latent, positions)
+            index = (*queries, new_cache["indexer"].entries)
         o, _ = self._attend(q, positions, keys[:, 1:], key_pos[:, 1:], entries, index)
         return self._output(o, cos, sin), new_cache
+
+    def _submodule(self, path: str) -> nn.Module:
+        module = self
+        for name in path.split("/"):
+            module = getattr(module, name)
+        return module
 
     def _attend(self, q, q_positions, keys, key_positions, entries, index):
         """Sink attention of queries q [B,T,N,C] at q_positions [B,T] over their windows and the entries.

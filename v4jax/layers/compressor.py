@@ -117,10 +117,10 @@ class Compressor(nn.Module):
     def width(self) -> int:
         return (2 if self.overlap else 1) * self.dim
 
-    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(kv, gate without ape), each float32 [B, T, width], of x [B, T, D]."""
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(kv, gate without ape), each [B, T, width], of x [B, T, D]."""
         chex.assert_shape(x, (None, None, self.cfg.hidden_size))
-        return self.wkv("BTD,DC->BTC", x).astype(jnp.float32), self.wgate("BTD,DC->BTC", x).astype(jnp.float32)
+        return self.wkv("BTD,DC->BTC", x), self.wgate("BTD,DC->BTC", x)
 
     def _pool(self, kv, gate, prev_kv, prev_gate, index) -> jax.Array:
         """Entries [B, K, dim] of K windows: kv/gate [B, K, m, width] (gate without ape), the previous
@@ -146,24 +146,29 @@ class Compressor(nn.Module):
         m, dim = self.rate, self.dim
         b, t, _ = x.shape
         y = t // m
-        kv, gate = self._project(x[:, : y * m])
+        kv, gate = (p.astype(jnp.float32) for p in self.project(x[:, : y * m]))
         kv, gate = kv.reshape(b, y, m, self.width), gate.reshape(b, y, m, self.width)  # [B, Y, m, coff·C]
         # window i-1's low half, shifted by one window (window 0's is ignored)
         prev_kv = jnp.concatenate([jnp.zeros_like(kv[:, :1, :, :dim]), kv[:, :-1, :, :dim]], axis=1)
         prev_gate = jnp.concatenate([jnp.zeros_like(gate[:, :1, :, :dim]), gate[:, :-1, :, :dim]], axis=1)
         return self._pool(kv, gate, prev_kv, prev_gate, jnp.broadcast_to(jnp.arange(y), (b, y)))
 
-    def extend(self, x: jax.Array, start: jax.Array, count: jax.Array, state: CompressorState) -> CompressorState:
-        """Append the first count[b] of the tokens x [B, T, D] (positions start[b] + 0..T-1) to the state.
+    def extend(
+        self, kv: jax.Array, gate: jax.Array, start: jax.Array, count: jax.Array, state: CompressorState
+    ) -> CompressorState:
+        """Append the first count[b] of T new tokens (positions start[b] + 0..T-1) to the state, given their
+        projections kv, gate [B, T, width] (`project`; the decoding layout computes them fused with the
+        attention's own).
 
         Every window completed by them is pooled into `entries` (at index ⌊p/m⌋) and the ring moves on:
         the same entries as `__call__` over the whole sequence.
         """
         m, dim = self.rate, self.dim
-        b, t, _ = x.shape
+        b, t, _ = kv.shape
+        chex.assert_shape([kv, gate], (b, t, self.width))
         chex.assert_shape([start, count], (b,))
         ring = state.kv.shape[1]
-        kv, gate = self._project(x)
+        kv, gate = kv.astype(jnp.float32), gate.astype(jnp.float32)
         pad = -(-t // m) * m - t
         first = start - start % m - (ring - m)  # ordered row 0: the incomplete window (and, overlap, the one before)
         length = ring + t + pad
@@ -206,23 +211,28 @@ class Indexer(nn.Module):
         self.weights_proj = Projection(c, (c.hidden_size, i), (shd.EMBED, shd.INDEX_HEADS))
         self.compressor = Compressor(c, c.compress_rate_csa, j, overlap=True)
 
-    def queries(self, x: jax.Array, q_latent: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [B,T,D], q_latent [B,T,Q], positions [B,T] -> (q^I [B,T,I,J] rotated, w [B,T,I] float32)."""
+    def head_logits(self, x: jax.Array) -> jax.Array:
+        """The head weights before scaling, x·W_w [B,T,I], of x [B,T,D]."""
+        chex.assert_shape(x, (None, None, self.cfg.hidden_size))
+        return self.weights_proj("BTD,DI->BTI", x)
+
+    def queries(self, head_logits: jax.Array, q_latent: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """head_logits [B,T,I] (`head_logits`), q_latent [B,T,Q], positions [B,T] -> (q^I [B,T,I,J] rotated,
+        w [B,T,I] float32)."""
         c = self.cfg
-        b, t, _ = x.shape
-        chex.assert_shape(x, (b, t, c.hidden_size))
+        b, t, _ = q_latent.shape
+        chex.assert_shape(head_logits, (b, t, c.index_n_heads))
         chex.assert_shape(q_latent, (b, t, c.q_lora_rank))
         chex.assert_shape(positions, (b, t))
         cos, sin = rope_cos_sin(positions, *v4_rope(c, compressed=True))
         q = apply_trailing_rope(self.wq_b("BTQ,QIJ->BTIJ", q_latent), cos, sin)
-        w = self.weights_proj("BTD,DI->BTI", x).astype(jnp.float32) * c.index_n_heads**-0.5
-        return q, w
+        return q, head_logits.astype(jnp.float32) * c.index_n_heads**-0.5
 
     def __call__(
         self, x: jax.Array, q_latent: jax.Array, positions: jax.Array
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B,T,D], q_latent [B,T,Q], positions [B,T] (0..T-1) -> (q^I [B,T,I,J], w [B,T,I] f32, k^I [B,Y,J])."""
-        return *self.queries(x, q_latent, positions), self.compressor(x)
+        return *self.queries(self.head_logits(x), q_latent, positions), self.compressor(x)
 
 
 def top_k_entries(scores: jax.Array, positions: jax.Array, rate: int, k: int) -> jax.Array:

@@ -7,10 +7,19 @@
     Projection:  y = einsum(eqn, x, W)        e.g. 'BTD,DQ->BTQ'
     RMSNorm:     y = x / sqrt(mean(x²) + eps) · scale      (float32 inside)
     Embed:       y[B, T, D] = E[tokens]
+
+Decoding's inference layout fuses the projections that read one input into one kernel
+(`fuse_projections`), applied by `fused_projection`: x·[W_1 | W_2 | ...] in one product, split after.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import chex
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -66,6 +75,54 @@ def merged_contraction(eqn: str, x: jax.Array, kernel: jax.Array) -> tuple[str, 
     f = next(a for a in "FGHIJKLMOPQRSUVWXYZ" if a not in eqn)  # the merged axis: any letter eqn does not use
     merged = f"{lhs[:-n]}{f},{f}{rhs[n:]}->{out}"
     return merged, x.reshape(*x.shape[:-n], -1), kernel.reshape(-1, *kernel.shape[n:])
+
+
+def fuse_projections(tree: dict[str, Any], name: str, members: Sequence[str]) -> dict[str, Any]:
+    """A module's params `tree` in the inference layout: the kernels of the Projections at `members` (paths
+    under the module, e.g. 'wq_a', 'compressor/wkv'), which all read one input and contract its last axis
+    with their first, replaced by one param `name` [K, ΣN_i] (each kernel [K, *N_i] flattened to [K, N_i],
+    side by side in order), read back by `fused_projection`.
+
+    Why: a decoding step runs one small matrix-vector product per projection, and XLA:CPU streams a small
+    weight at a fraction of the bandwidth of a wide one (`benchmarks/matvec.py`): one product instead of many.
+    """
+    out = _copy_dicts(tree)
+    kernels = [_pop_kernel(out, member.split("/")) for member in members]
+    if len({k.shape[0] for k in kernels}) != 1:
+        raise ValueError(f"{name}: members {list(members)} contract inputs of different widths")
+    out[name] = jnp.concatenate([k.reshape(k.shape[0], -1) for k in kernels], axis=1)
+    return out
+
+
+def _copy_dicts(tree: Any) -> Any:
+    return {k: _copy_dicts(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def _pop_kernel(tree: dict[str, Any], path: list[str]) -> jax.Array:
+    """Remove and return the kernel of the Projection at `path` in `tree`, dropping subtrees left empty."""
+    head, *rest = path
+    kernel = _pop_kernel(tree[head], rest) if rest else tree[head].pop("kernel")
+    if not tree[head]:
+        del tree[head]
+    return kernel
+
+
+def fused_projection(
+    module: nn.Module, name: str, x: jax.Array, outputs: Sequence[tuple[int, ...]], dtype: jnp.dtype
+) -> list[jax.Array]:
+    """x [B, T, K] through the module's fused kernel `name` [K, ΣN_i] (`fuse_projections`) in one product ->
+    [x·W_i [B, T, *N_i] for each member], where outputs lists the members' output dims N_i in order."""
+    if not module.has_variable("params", name):
+        raise ValueError(
+            f"{'/'.join(module.path)}: no fused kernel {name!r}: decoding runs on the inference parameter layout "
+            "(v4jax.sampling.engine.inference_params)"
+        )
+    kernel = module.get_variable("params", name)
+    widths = [math.prod(shape) for shape in outputs]
+    chex.assert_shape(kernel, (x.shape[-1], sum(widths)))
+    y = project("BTD,DF->BTF", x, kernel, dtype)
+    parts = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
+    return [part.reshape(*x.shape[:-1], *shape) for part, shape in zip(parts, outputs, strict=True)]
 
 
 class RMSNorm(nn.Module):

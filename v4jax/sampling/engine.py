@@ -89,7 +89,13 @@ def advance(cfg: ModelConfig, params, cache, tokens, count, last_only: bool = Tr
     return logits, {"layers": layers, "length": cache["length"] + count}
 
 
-_extend = jax.jit(advance, static_argnames=("cfg", "last_only"), donate_argnames=("cache",))
+# XLA options of the jitted decoding steps: copy insertion by region analysis, without which XLA:CPU copied
+# each layer's donated cache before writing the new tokens into it (the CPU option; other backends ignore it)
+COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+_extend = jax.jit(
+    advance, static_argnames=("cfg", "last_only"), donate_argnames=("cache",), compiler_options=COMPILER_OPTIONS
+)
 
 
 def _check_step_inputs(cfg: ModelConfig, cache: dict[str, Any], tokens: Any, count: Any) -> tuple[jax.Array, jax.Array]:

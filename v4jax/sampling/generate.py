@@ -102,33 +102,35 @@ def generate(
     return [out[i, : n[i]].tolist() for i in range(b)]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p"))
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p"), compiler_options=engine.COMPILER_OPTIONS
+)
 def _decode_loop(cfg, params, cache, logits, key, stops, steps, temperature, top_k, top_p):
     """Sample, append, repeat: -> (tokens int32 [B, steps], number generated per row [B])."""
     b = logits.shape[0]
     pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
 
+    def sample_next(i, out, done, n, logits, key):  # token i of every row still going (0 for finished rows)
+        key, sub = jax.random.split(key)
+        token = jnp.where(done, 0, pick(logits, sub))
+        n = n + (~done).astype(jnp.int32)
+        return token, out.at[:, i].set(token), done | jnp.isin(token, stops), n, key
+
     def cond(state):
         i, _, done, *_ = state
-        return (i < steps) & ~jnp.all(done)
+        return (i < steps - 1) & ~jnp.all(done)
 
     def body(state):
         i, out, done, n, cache, logits, key = state
-        key, sub = jax.random.split(key)
-        token = jnp.where(done, 0, pick(logits, sub))
-        out = out.at[:, i].set(token)
-        n = n + (~done).astype(jnp.int32)
-        done = done | jnp.isin(token, stops)
-        last = i + 1 == steps  # the last token needs no forward pass
-        logits, cache = jax.lax.cond(
-            last,
-            lambda: (logits, cache),
-            lambda: engine.advance(cfg, params, cache, token[:, None], (~done).astype(jnp.int32)),
-        )
+        token, out, done, n, key = sample_next(i, out, done, n, logits, key)
+        logits, cache = engine.advance(cfg, params, cache, token[:, None], (~done).astype(jnp.int32))
         return i + 1, out, done, n, cache, logits, key
 
+    # the loop runs the forward passes; the last token needs none (a `lax.cond` skipping it made XLA copy
+    # weights and cache buffers in every step), so it is sampled after the loop
     state = (0, jnp.zeros((b, steps), jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), cache, logits, key)
-    _, out, _, n, *_ = jax.lax.while_loop(cond, body, state)
+    i, out, done, n, _, logits, key = jax.lax.while_loop(cond, body, state)
+    _, out, _, n, _ = sample_next(i, out, done, n, logits, key)
     return out, n
 
 
@@ -166,7 +168,10 @@ def stream(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "temperature", "top_k", "top_p", "last"), donate_argnames=("cache",)
+    jax.jit,
+    static_argnames=("cfg", "temperature", "top_k", "top_p", "last"),
+    donate_argnames=("cache",),
+    compiler_options=engine.COMPILER_OPTIONS,
 )
 def sample_and_append(cfg, params, cache, logits, key, temperature, top_k, top_p, last):
     """One step of `stream`, with the same key schedule as `_decode_loop`."""

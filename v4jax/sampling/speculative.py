@@ -49,7 +49,9 @@ def _positions(length: jax.Array, t: int) -> jax.Array:
     return length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache", "mtp"))
+@functools.partial(
+    jax.jit, static_argnames=("cfg",), donate_argnames=("cache", "mtp"), compiler_options=engine.COMPILER_OPTIONS
+)
 def _prefill_chunk(cfg, params, cache, mtp, tokens, next_tokens, count, mtp_count):
     """One prompt chunk through the main model and the MTP block -> (logits [B,V] and streams [B,R,D] at each
     row's last real token, cache, mtp)."""
@@ -105,7 +107,7 @@ def speculative_generate(
     return [out[i, : n[i]].tolist() for i in range(b)], {k: int(v) for k, v in stats.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps"))
+@functools.partial(jax.jit, static_argnames=("cfg", "steps"), compiler_options=engine.COMPILER_OPTIONS)
 def _loop(cfg, params, cache, mtp, logits, last, stops, steps):
     """Draft, verify, accept or roll back, until every row has `steps` tokens or stopped."""
     b = logits.shape[0]
