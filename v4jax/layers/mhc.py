@@ -103,8 +103,10 @@ def stream_mixes(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     """μ = RMSNorm_u(flat X) · fnᵀ in float32: streams [B, T, R, D], fn [Y, R·D] -> [B, T, Y]."""
     b, t, r, d = streams.shape
     flat = rms_norm(streams.reshape(b, t, r * d), None, eps)  # [B, T, R·D] float32
-    # one contracting axis: over (R, D) as two, XLA:CPU copied fn transposed on every call
-    return jnp.matmul(flat, fn.astype(jnp.float32).T, precision=HIGHEST)
+    # one contracting axis (over (R, D) as two, XLA:CPU copied fn transposed on every call), and fn as the left
+    # operand of a row-major product: as the right one, XLA copied it transposed in every step of a decode loop
+    mixes = jax.lax.dot_general(fn.astype(jnp.float32), flat, (((1,), (2,)), ((), ())), precision=HIGHEST)  # [Y, B, T]
+    return jnp.moveaxis(mixes, 0, -1)
 
 
 def site_coefficients(
