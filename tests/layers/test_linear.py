@@ -1,0 +1,78 @@
+"""The inference layout's fused projections (`linear.fuse_projections` / `fused_projection`) against the
+separate products, checked in float64 NumPy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from v4jax import presets
+from v4jax.layers.linear import fuse_projections, fused_projection
+
+
+class _Reads(nn.Module):
+    """Applies the fused kernel 'x_proj' to its input, with the members' output dims given."""
+
+    outputs: tuple[tuple[int, ...], ...]
+
+    @nn.compact
+    def __call__(self, x):
+        return fused_projection(self, "x_proj", x, self.outputs, jnp.float32)
+
+
+def _tree(rng):
+    return {
+        "wq_a": {"kernel": rng.standard_normal((6, 5))},
+        "inner": {"wkv": {"kernel": rng.standard_normal((6, 3, 2))}, "norm": {"scale": np.ones(3)}},
+        "deep": {"more": {"w": {"kernel": rng.standard_normal((6, 4))}}},
+        "other": {"kernel": rng.standard_normal((7, 2))},
+    }
+
+
+def test_fused_projection_equals_each_member_product():
+    rng = np.random.default_rng(0)
+    tree = _tree(rng)
+    members = ("wq_a", "inner/wkv", "deep/more/w")
+    fused = fuse_projections(tree, "x_proj", members)
+    # members' kernels gone, subtrees left empty dropped, everything else kept; the input tree untouched
+    assert set(fused) == {"inner", "other", "x_proj"}
+    assert set(fused["inner"]) == {"norm"}
+    assert fused["x_proj"].shape == (6, 5 + 6 + 4)
+    assert "kernel" in tree["wq_a"] and "kernel" in tree["inner"]["wkv"]
+
+    x = rng.standard_normal((2, 3, 6))
+    outputs = ((5,), (3, 2), (4,))
+    variables = {"params": {"x_proj": jnp.asarray(fused["x_proj"], jnp.float32)}}
+    parts = _Reads(outputs).apply(variables, jnp.asarray(x, jnp.float32))
+    for part, member, shape in zip(parts, members, outputs, strict=True):
+        kernel = tree
+        for key in member.split("/"):
+            kernel = kernel[key]
+        expected = np.einsum("btk,kn->btn", x, kernel["kernel"].reshape(6, -1)).reshape(2, 3, *shape)
+        np.testing.assert_allclose(np.asarray(part, np.float64), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projection_errors_name_the_problem():
+    rng = np.random.default_rng(1)
+    with pytest.raises(ValueError, match="contract inputs of different widths"):
+        fuse_projections(_tree(rng), "x_proj", ("wq_a", "other"))
+    with pytest.raises(ValueError, match="inference parameter layout"):
+        _Reads(((5,),)).apply({"params": {}}, jnp.zeros((1, 1, 6)))
+
+
+def test_decoding_steps_refuse_the_training_layout():
+    """A decode step given unfused attention params says which layout it needs (no silent fallback)."""
+    from v4jax import model
+    from v4jax.sampling import engine
+
+    cfg = presets.get("tiny_v4")
+    params = model.unstack_layers(cfg, model.init_params(cfg, jax.random.key(0)))
+    layer = dict(params[model.unstacked_name(0)])
+    attn = dict(layer["attn"])
+    del attn["x_proj"]
+    params = {**params, model.unstacked_name(0): {**layer, "attn": attn}}
+    with pytest.raises(ValueError, match="no fused kernel 'x_proj'"):
+        engine.extend(cfg, params, engine.new_cache(cfg, 1, 8), np.zeros((1, 2), np.int32))
