@@ -233,6 +233,7 @@ class AttentionV4(nn.Module):
         return self._output(o, cos, sin), new_cache
 
     def _submodule(self, path: str) -> nn.Module:
+        """The submodule at `path` ('compressor/wkv'), e.g. to read a fused member's shape."""
         module = self
         for name in path.split("/"):
             module = getattr(module, name)
