@@ -10,17 +10,37 @@ import pytest
 from flax import linen as nn
 
 from v4jax import presets
-from v4jax.layers.linear import fuse_projections, fused_projection
+from v4jax.layers.linear import Projection, fuse_projections, fused_projection
+
+CFG = presets.get("tiny").replace(dtype="float32", param_dtype="float32")
+
+
+class _Inner(nn.Module):
+    def setup(self):
+        self.wkv = Projection(CFG, (6, 3, 2), (None, None, None))
+
+
+class _Deep(nn.Module):
+    def setup(self):
+        self.more = _More()
+
+
+class _More(nn.Module):
+    def setup(self):
+        self.w = Projection(CFG, (6, 4), (None, None))
 
 
 class _Reads(nn.Module):
-    """Applies the fused kernel 'x_proj' to its input, with the members' output dims given."""
+    """Projections at the paths of `_tree`; applies the fused kernel 'x_proj' of `members` to its input."""
 
-    outputs: tuple[tuple[int, ...], ...]
+    members: tuple[str, ...]
 
-    @nn.compact
+    def setup(self):
+        self.wq_a = Projection(CFG, (6, 5), (None, None))
+        self.inner, self.deep = _Inner(), _Deep()
+
     def __call__(self, x):
-        return fused_projection(self, "x_proj", x, self.outputs, jnp.float32)
+        return fused_projection(self, "x_proj", x, self.members, jnp.float32)
 
 
 def _tree(rng):
@@ -46,7 +66,7 @@ def test_fused_projection_equals_each_member_product():
     x = rng.standard_normal((2, 3, 6))
     outputs = ((5,), (3, 2), (4,))
     variables = {"params": {"x_proj": jnp.asarray(fused["x_proj"], jnp.float32)}}
-    parts = _Reads(outputs).apply(variables, jnp.asarray(x, jnp.float32))
+    parts = _Reads(members).apply(variables, jnp.asarray(x, jnp.float32))
     for part, member, shape in zip(parts, members, outputs, strict=True):
         kernel = tree
         for key in member.split("/"):
@@ -60,7 +80,7 @@ def test_fused_projection_errors_name_the_problem():
     with pytest.raises(ValueError, match="contract inputs of different widths"):
         fuse_projections(_tree(rng), "x_proj", ("wq_a", "other"))
     with pytest.raises(ValueError, match="inference parameter layout"):
-        _Reads(((5,),)).apply({"params": {}}, jnp.zeros((1, 1, 6)))
+        _Reads(("wq_a",)).apply({"params": {}}, jnp.zeros((1, 1, 6)))
 
 
 def test_decoding_steps_refuse_the_training_layout():

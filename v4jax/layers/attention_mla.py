@@ -248,8 +248,7 @@ class MLA(nn.Module):
         chex.assert_shape(positions, (b, t))
         cos, sin = rope_angles(c, positions)
         if fused:
-            shapes = [getattr(self, name).shape[1:] for name in fused_inputs(c)]
-            q_proj, kv_a = fused_projection(self, FUSED_INPUTS, x, shapes, c.compute_dtype)
+            q_proj, kv_a = fused_projection(self, FUSED_INPUTS, x, fused_inputs(c), c.compute_dtype)
         else:
             q_proj = self.wq("BTD,DNH->BTNH", x) if c.q_lora_rank is None else self.wq_a("BTD,DQ->BTQ", x)
             kv_a = self.wkv_a("BTD,DC->BTC", x)

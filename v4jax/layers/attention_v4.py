@@ -211,8 +211,7 @@ class AttentionV4(nn.Module):
         start = positions[:, 0]
         chex.assert_shape(count, (b,))
         members = fused_inputs(self.layer_type)
-        shapes = [self._submodule(path).shape[1:] for path in members]
-        proj = dict(zip(members, fused_projection(self, FUSED_INPUTS, x, shapes, self.cfg.compute_dtype), strict=True))
+        proj = dict(zip(members, fused_projection(self, FUSED_INPUTS, x, members, self.cfg.compute_dtype), strict=True))
         cos, sin, q_latent, q, kv = self._inputs(proj["wq_a"], proj["wkv"], positions)
         keys = jnp.concatenate([cache_ops.ring_in_order(cache["window"], start), kv.astype(cache["window"].dtype)], 1)
         key_pos = start[:, None] - w + jnp.arange(w + t)[None, :]  # [B, W+T]
@@ -231,13 +230,6 @@ class AttentionV4(nn.Module):
             index = (*queries, new_cache["indexer"].entries)
         o, _ = self._attend(q, positions, keys[:, 1:], key_pos[:, 1:], entries, index)
         return self._output(o, cos, sin), new_cache
-
-    def _submodule(self, path: str) -> nn.Module:
-        """The submodule at `path` ('compressor/wkv'), e.g. to read a fused member's shape."""
-        module = self
-        for name in path.split("/"):
-            module = getattr(module, name)
-        return module
 
     def _attend(self, q, q_positions, keys, key_positions, entries, index):
         """Sink attention of queries q [B,T,N,C] at q_positions [B,T] over their windows and the entries.

@@ -108,21 +108,29 @@ def _pop_kernel(tree: dict[str, Any], path: list[str]) -> jax.Array:
 
 
 def fused_projection(
-    module: nn.Module, name: str, x: jax.Array, outputs: Sequence[tuple[int, ...]], dtype: jnp.dtype
+    module: nn.Module, name: str, x: jax.Array, members: Sequence[str], dtype: jnp.dtype
 ) -> list[jax.Array]:
-    """x [B, T, K] through the module's fused kernel `name` [K, ΣN_i] (`fuse_projections`) in one product ->
-    [x·W_i [B, T, *N_i] for each member], where outputs lists the members' output dims N_i in order."""
+    """x [B, T, K] through the module's fused kernel `name` [K, ΣN_i] (`fuse_projections` of the Projections at
+    `members` under the module) in one product -> [x·W_i [B, T, *N_i] for each member, in order]."""
     if not module.has_variable("params", name):
         raise ValueError(
             f"{'/'.join(module.path)}: no fused kernel {name!r}: decoding runs on the inference parameter layout "
             "(v4jax.sampling.engine.inference_params)"
         )
+    outputs = [_submodule(module, member).shape[1:] for member in members]
     kernel = module.get_variable("params", name)
     widths = [math.prod(shape) for shape in outputs]
     chex.assert_shape(kernel, (x.shape[-1], sum(widths)))
     y = project("BTD,DF->BTF", x, kernel, dtype)
     parts = jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1)
     return [part.reshape(*x.shape[:-1], *shape) for part, shape in zip(parts, outputs, strict=True)]
+
+
+def _submodule(module: nn.Module, path: str) -> Projection:
+    """The submodule of `module` at `path` ('compressor/wkv'), by attribute (setup-defined submodules)."""
+    for attribute in path.split("/"):
+        module = getattr(module, attribute)
+    return module
 
 
 class RMSNorm(nn.Module):
