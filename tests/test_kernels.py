@@ -56,10 +56,11 @@ def test_the_kernel_builds_on_a_machine_with_a_compiler():
 
 @needs_kernel
 @pytest.mark.parametrize("limit", [None, 0.5])
-def test_kernel_matches_a_float64_loop(limit):
+@pytest.mark.parametrize("split", [1, 3, 23])  # one task per row and phase; uneven chunks; one row of W2 each
+def test_kernel_matches_a_float64_loop(limit, split):
     assert cpu_kernels.routed_experts_available()
     x, expert, w1, w3, w2 = random_case(0)
-    out = jax.jit(cpu_kernels.routed_experts, static_argnums=5)(x, expert, w1, w3, w2, limit)
+    out = jax.jit(cpu_kernels.routed_experts, static_argnums=(5, 6))(x, expert, w1, w3, w2, limit, split)
     expected = np_rows(x, expert, w1, w3, w2, limit)
     if limit is not None:  # the clamp is active on part of the pre-activations
         assert 0.05 < np.mean(np.einsum("TD,EDM->TEM", x, w1) > limit) < 0.5
@@ -89,6 +90,15 @@ def test_gather_dispatch_runs_the_kernel_on_cpu_and_its_gradients_are_the_scans(
     np.testing.assert_allclose(value, value_ref, rtol=1e-5)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_default_split_and_bad_split():
+    assert cpu_kernels.default_split(37, 23) == 1
+    assert cpu_kernels.default_split(512, 256) == 2  # small_v4: 512 KB per expert matrix, 256 KB per task
+    assert cpu_kernels.default_split(7168, 2048) == 64  # DeepSeek-V3: capped
+    x, expert, w1, w3, w2 = random_case(0)
+    with pytest.raises(ValueError, match=re.escape("split=24 must lie in [1, min(D, M) = 23]")):
+        cpu_kernels.routed_experts(x, expert, w1, w3, w2, None, split=24)
 
 
 def test_bfloat16_operands_keep_the_xla_path():

@@ -6,7 +6,9 @@
 Why: XLA:CPU copies a dynamically sliced expert matrix out of the stacked weights before each
 matrix-vector product, so a decoding step's few-row expert FFNs move every chosen weight twice, at about
 half the memory bandwidth. `routed_experts_cpu.cc` streams the chosen experts' rows in place, its rows
-shared out over XLA's intra-op thread pool.
+shared out over XLA's intra-op thread pool in tasks of a fraction of an expert each (`split`), so both threads
+stream to the end of a call whatever its number of rows (small_v4's 6 rows: 17 → 23 GB/s, and 12 → 21 GB/s
+when the host is busy; benchmarks/README.md).
 
 Build: the system C++ compiler (`$CXX`, default `g++`) against jaxlib's FFI headers, into
 `$V4JAX_KERNEL_CACHE` (default `~/.cache/v4jax/kernels`), one library per (source, compiler, flags, jaxlib
@@ -95,16 +97,35 @@ def routed_experts_available() -> bool:
     return True
 
 
+TASK_BYTES = 256 * 2**10  # about what one task of the kernel streams from one weight matrix
+
+
+def default_split(d: int, m: int) -> int:
+    """Tasks per row and phase: each task streams about TASK_BYTES of W1 and of W3, or of W2 (at most 64)."""
+    return int(np.clip(round(d * m * 4 / TASK_BYTES), 1, min(64, d, m)))
+
+
 def routed_experts(
-    x: jax.Array, expert: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float | None
+    x: jax.Array,
+    expert: jax.Array,
+    w1: jax.Array,
+    w3: jax.Array,
+    w2: jax.Array,
+    limit: float | None,
+    split: int | None = None,
 ) -> jax.Array:
     """The kernel's out [T, K, D] float32 (module docstring); every input float32, ids outside [0, E) give zero
-    rows. CPU only, after `routed_experts_available()`; no derivative of its own (callers wrap it)."""
+    rows; `split` tasks per row and phase (default `default_split`). CPU only, after
+    `routed_experts_available()`; no derivative of its own (callers wrap it)."""
     t, k = expert.shape
     e, d, m = w1.shape
+    split = default_split(d, m) if split is None else split
+    if not 1 <= split <= min(d, m):
+        raise ValueError(f"routed_experts: split={split} must lie in [1, min(D, M) = {min(d, m)}]")
     chex.assert_shape(x, (t, d))
     chex.assert_shape([w1, w3], (e, d, m))
     chex.assert_shape(w2, (e, m, d))
     chex.assert_type([x, w1, w3, w2], jnp.float32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((t, k, d), jnp.float32), vmap_method="sequential")
-    return call(x, expert.astype(jnp.int32), w1, w3, w2, limit=np.float32(np.inf if limit is None else limit))
+    limit = np.float32(np.inf if limit is None else limit)
+    return call(x, expert.astype(jnp.int32), w1, w3, w2, limit=limit, split=np.int64(split))
