@@ -39,13 +39,13 @@ def np_rows(x, expert, w1, w3, w2, limit):
 
 
 def random_case(seed, t=3, k=4, e=9, d=37, m=23):
-    """Odd sizes (no vector-width multiples); two padding ids (−1 and E)."""
+    """Odd sizes (no vector-width multiples); two padding ids (−1 and E, when t ≥ 3)."""
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(t, d)).astype(np.float32)
     w1, w3 = (rng.normal(size=(e, d, m)).astype(np.float32) / np.sqrt(d) for _ in range(2))
     w2 = rng.normal(size=(e, m, d)).astype(np.float32) / np.sqrt(m)
     expert = np.stack([rng.choice(e, k, replace=False) for _ in range(t)]).astype(np.int32)
-    expert[0, 1], expert[2, 3] = -1, e
+    expert[0, 1], expert[min(2, t - 1), 3] = -1, e
     return x, expert, w1, w3, w2
 
 
@@ -56,10 +56,13 @@ def test_the_kernel_builds_on_a_machine_with_a_compiler():
 
 @needs_kernel
 @pytest.mark.parametrize("limit", [None, 0.5])
-@pytest.mark.parametrize("split", [1, 3, 23])  # one task per row and phase; uneven chunks; one row of W2 each
-def test_kernel_matches_a_float64_loop(limit, split):
+@pytest.mark.parametrize("split", [1, 3, 23])  # one task per expert and phase; uneven chunks; one row of W2 each
+@pytest.mark.parametrize("tokens", [3, 11])  # 11 tokens × 4 of 9 experts: groups of 1 to 11 rows per expert
+def test_kernel_matches_a_float64_loop(limit, split, tokens):
     assert cpu_kernels.routed_experts_available()
-    x, expert, w1, w3, w2 = random_case(0)
+    x, expert, w1, w3, w2 = random_case(0, t=tokens)
+    if tokens > 3:
+        assert np.bincount(expert[(expert >= 0) & (expert < 9)]).max() > 4  # more rows than a block of 4
     out = jax.jit(cpu_kernels.routed_experts, static_argnums=(5, 6))(x, expert, w1, w3, w2, limit, split)
     expected = np_rows(x, expert, w1, w3, w2, limit)
     if limit is not None:  # the clamp is active on part of the pre-activations
@@ -71,9 +74,10 @@ def test_kernel_matches_a_float64_loop(limit, split):
 
 
 @needs_kernel
-def test_gather_dispatch_runs_the_kernel_on_cpu_and_its_gradients_are_the_scans():
+@pytest.mark.parametrize("tokens", [2, 3])  # 8 rows ≤ 9 experts: derivative through the scan; 12: through 'sorted'
+def test_gather_dispatch_runs_the_kernel_on_cpu_and_its_gradients_match_the_scans(tokens):
     assert cpu_kernels.routed_experts_available()
-    x, expert, w1, w3, w2 = random_case(1)
+    x, expert, w1, w3, w2 = random_case(1, t=tokens)
     hlo = jax.jit(md.gathered_experts).lower(x, expert, w1, w3, w2).as_text()
     assert cpu_kernels.TARGET in hlo
     cot = np.random.default_rng(2).normal(size=(*expert.shape, x.shape[1])).astype(np.float32)

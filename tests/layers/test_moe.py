@@ -249,6 +249,9 @@ def test_auto_impl_is_gather_for_few_rows_else_sorted_on_cpu():
     assert md.resolve_impl("auto", num_rows=6, num_experts=64) == "gather"  # one decoded token, K = 6
     assert md.resolve_impl("auto", num_rows=64, num_experts=64) == "gather"
     assert md.resolve_impl("auto", num_rows=96, num_experts=64) == "sorted"
+    assert md.resolve_impl("auto", num_rows=96, num_experts=64, cpu_kernel=True) == "gather"  # 16 tokens
+    assert md.resolve_impl("auto", num_rows=512, num_experts=64, cpu_kernel=True) == "gather"
+    assert md.resolve_impl("auto", num_rows=513, num_experts=64, cpu_kernel=True) == "sorted"
     assert md.resolve_impl("ragged", num_rows=6, num_experts=64) == "ragged"
     expected = r"moe_impl='sparse' is not one of \('auto', 'ragged', 'capacity', 'sorted', 'gather'\)"
     with pytest.raises(ValueError, match=expected):
