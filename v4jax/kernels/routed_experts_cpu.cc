@@ -1,16 +1,18 @@
-// Routed-expert SwiGLU FFNs of a few (token, slot) rows, reading each row's expert weights in place.
+// Routed-expert SwiGLU FFNs of a few (token, slot) rows, reading the chosen experts' weights in place.
 //
 // out[t, k] = W2[e]ᵀ · swiglu(W1[e]ᵀ x[t], W3[e]ᵀ x[t]),  e = expert[t, k]  (float32; ids outside [0, E) give 0)
 //   x [T, D], expert [T, K] int32, w1 / w3 [E, D, M], w2 [E, M, D]  ->  out [T, K, D]
 // swiglu(g, u) = silu(min(g, L)) · clip(u, −L, L) with L = `limit` (+inf: no clamp).
 //
 // XLA:CPU copies a dynamically sliced expert matrix before its matrix-vector product; this kernel streams the
-// chosen experts' rows straight from the stacked weights. Each row's work is cut into `split` gate/up tasks
-// (a contiguous block of D rows of W1 and W3 each: partial sums of g and u) and `split` down tasks (a block
-// of M rows of W2: a partial sum of the output), so that both threads stream at full speed to the end of the
-// call whatever the number of rows. Tasks are shared out over XLA's intra-op thread pool from one counter,
-// gate/up tasks first: the caller takes tasks too and waits only for tasks that another thread has already
-// taken (never for a queued one), so it cannot deadlock on a busy pool.
+// chosen experts' rows straight from the stacked weights. Rows are grouped by expert, and each expert's
+// weights are read once for all of its rows (up to 4 rows share each weight row while it is in L1). Each
+// expert's work is cut into `split` gate/up tasks (a contiguous block of D rows of W1 and W3: partial sums of
+// g and u) and `split` down tasks (a block of M rows of W2: a partial sum of the output), so that both threads
+// stream at full speed to the end of the call whatever the number of experts. Tasks are shared out over
+// XLA's intra-op thread pool from one counter, gate/up tasks first: the caller takes tasks too and waits only
+// for tasks that another thread has already taken (never for a queued one), so it cannot deadlock on a busy
+// pool.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
