@@ -103,7 +103,9 @@ def generate(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "steps", "temperature", "top_k", "top_p"), compiler_options=engine.COMPILER_OPTIONS
+    jax.jit,
+    static_argnames=("cfg", "steps", "temperature", "top_k", "top_p"),
+    compiler_options=engine.LOOP_COMPILER_OPTIONS,
 )
 def _decode_loop(cfg, params, cache, logits, key, stops, steps, temperature, top_k, top_p):
     """Sample, append, repeat: -> (tokens int32 [B, steps], number generated per row [B])."""
@@ -171,7 +173,7 @@ def stream(
     jax.jit,
     static_argnames=("cfg", "temperature", "top_k", "top_p", "last"),
     donate_argnames=("cache",),
-    compiler_options=engine.COMPILER_OPTIONS,
+    compiler_options=engine.LOOP_COMPILER_OPTIONS,
 )
 def sample_and_append(cfg, params, cache, logits, key, temperature, top_k, top_p, last):
     """One step of `stream`, with the same key schedule as `_decode_loop`."""

@@ -107,7 +107,7 @@ def speculative_generate(
     return [out[i, : n[i]].tolist() for i in range(b)], {k: int(v) for k, v in stats.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps"), compiler_options=engine.COMPILER_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("cfg", "steps"), compiler_options=engine.LOOP_COMPILER_OPTIONS)
 def _loop(cfg, params, cache, mtp, logits, last, stops, steps):
     """Draft, verify, accept or roll back, until every row has `steps` tokens or stopped."""
     b = logits.shape[0]
