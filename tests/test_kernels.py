@@ -100,6 +100,9 @@ def test_default_split_and_bad_split():
     assert cpu_kernels.default_split(37, 23) == 1
     assert cpu_kernels.default_split(512, 256) == 2  # small_v4: 512 KB per expert matrix, 256 KB per task
     assert cpu_kernels.default_split(7168, 2048) == 64  # DeepSeek-V3: capped
+    assert cpu_kernels.default_split(512, 256, rows=96) == 2  # small_v4 at batch 16: 0.8 MB of partial sums
+    assert cpu_kernels.default_split(7168, 2048, rows=8) == 46  # 8 rows · 46 · 11264 floats ≤ 16 MiB
+    assert cpu_kernels.default_split(7168, 2048, rows=2048) == 1
     x, expert, w1, w3, w2 = random_case(0)
     with pytest.raises(ValueError, match=re.escape("split=24 must lie in [1, min(D, M) = 23]")):
         cpu_kernels.routed_experts(x, expert, w1, w3, w2, None, split=24)

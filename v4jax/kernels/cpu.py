@@ -97,11 +97,15 @@ def routed_experts_available() -> bool:
 
 
 TASK_BYTES = 256 * 2**10  # about what one task of the kernel streams from one weight matrix
+SCRATCH_BYTES = 16 * 2**20  # bound on the kernel's partial sums, rows · split · (2M + D) float32
 
 
-def default_split(d: int, m: int) -> int:
-    """Tasks per row and phase: each task streams about TASK_BYTES of W1 and of W3, or of W2 (at most 64)."""
-    return int(np.clip(round(d * m * 4 / TASK_BYTES), 1, min(64, d, m)))
+def default_split(d: int, m: int, rows: int = 1) -> int:
+    """Tasks per expert and phase: each task streams about TASK_BYTES of W1 and of W3, or of W2; at most 64,
+    and fewer when `rows` rows would make the partial sums exceed SCRATCH_BYTES (many rows already give
+    enough tasks)."""
+    most = min(64, d, m, max(1, SCRATCH_BYTES // (rows * (2 * m + d) * 4)))
+    return int(np.clip(round(d * m * 4 / TASK_BYTES), 1, most))
 
 
 def routed_experts(
@@ -114,11 +118,11 @@ def routed_experts(
     split: int | None = None,
 ) -> jax.Array:
     """The kernel's out [T, K, D] float32 (module docstring); every input float32, ids outside [0, E) give zero
-    rows; `split` tasks per row and phase (default `default_split`). CPU only, after
+    rows; `split` tasks per expert and phase (default `default_split`). CPU only, after
     `routed_experts_available()`; no derivative of its own (callers wrap it)."""
     t, k = expert.shape
     e, d, m = w1.shape
-    split = default_split(d, m) if split is None else split
+    split = default_split(d, m, t * k) if split is None else split
     if not 1 <= split <= min(d, m):
         raise ValueError(f"routed_experts: split={split} must lie in [1, min(D, M) = {min(d, m)}]")
     chex.assert_shape(x, (t, d))
