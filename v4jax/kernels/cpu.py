@@ -1,6 +1,6 @@
 """CPU kernels, compiled from C++ on first use and called through the XLA FFI.
 
-    routed_experts(x [T, D], expert [T, K], w1 [E, D, M], w3 [E, D, M], w2 [E, M, D], limit) -> [T, K, D]
+    routed_experts(x [T, D], expert [T, K], w1 [E, D, M], w3 [E, D, M], w2 [E, M, D], limit, split) -> [T, K, D]
         out[t, k] = swiglu(x[t] @ W1[e], x[t] @ W3[e], limit) @ W2[e],  e = expert[t, k]   (float32)
 
 Why: XLA:CPU copies a dynamically sliced expert matrix out of the stacked weights before each
@@ -9,6 +9,7 @@ half the memory bandwidth. `routed_experts_cpu.cc` streams the chosen experts' w
 expert for all the rows that chose it, shared out over XLA's intra-op thread pool in tasks of a fraction of
 an expert each (`split`), so both threads stream to the end of a call whatever its number of experts
 (small_v4's 8 layers at batch 1: 18.6 → 27.0 GB/s; at batch 16, 96 rows, 6.7× faster than 'sorted').
+
 Build: the system C++ compiler (`$CXX`, default `g++`) against jaxlib's FFI headers, into
 `$V4JAX_KERNEL_CACHE` (default `~/.cache/v4jax/kernels`), one library per (source, compiler, flags, jaxlib
 version, CPU); a finished build is renamed into place, so concurrent processes never load a partial file.
