@@ -36,7 +36,7 @@ from v4jax.layers import attention_mla, attention_v4
 from v4jax.layers.attention_mla import MLA, empty_mla_cache, with_head_major_wkv_b
 from v4jax.layers.attention_v4 import AttentionV4, empty_v4_cache
 from v4jax.layers.engram import Engram, empty_engram_state
-from v4jax.layers.linear import Embed, Projection, RMSNorm, fuse_projections
+from v4jax.layers.linear import FUSED_INPUTS, Embed, Projection, RMSNorm, fuse_projections
 from v4jax.layers.mhc import INTERMEDIATES, HyperConnection, HyperHead, composite_gain, expand_streams
 from v4jax.layers.mlp import MLP
 from v4jax.layers.moe import CONSTANTS, MoE
@@ -156,9 +156,9 @@ def inference_layer(cfg: ModelConfig, kind: LayerKind, layer: dict[str, Any]) ->
     attn = layer["attn"]
     if kind.attention == "mla":
         attn = with_head_major_wkv_b(attn, cfg)
-        attn = fuse_projections(attn, attention_mla.FUSED_INPUTS, attention_mla.fused_inputs(cfg))
+        attn = fuse_projections(attn, FUSED_INPUTS, attention_mla.fused_inputs(cfg))
     else:
-        attn = fuse_projections(attn, attention_v4.FUSED_INPUTS, attention_v4.fused_inputs(kind.attention))
+        attn = fuse_projections(attn, FUSED_INPUTS, attention_v4.fused_inputs(kind.attention))
     return {**layer, "attn": attn}
 
 

@@ -44,7 +44,7 @@ from v4jax import sharding as shd
 from v4jax.config import ModelConfig
 from v4jax.layers import cache_ops
 from v4jax.layers.dsa import Indexer, index_scores, indexer_kl, topk_mask
-from v4jax.layers.linear import Projection, RMSNorm, fused_projection, project
+from v4jax.layers.linear import FUSED_INPUTS, Projection, RMSNorm, fused_projection, project
 from v4jax.layers.rope import apply_rope, rope_angles
 
 Q_CHUNK = 1024
@@ -148,12 +148,9 @@ def index_score_fn(q_idx: jax.Array, w_idx: jax.Array, q_positions: jax.Array, k
     return scores
 
 
-FUSED_INPUTS = "x_proj"  # the inference layout's fused kernel of the projections of x (`fused_inputs`)
-
-
 def fused_inputs(cfg: ModelConfig) -> tuple[str, ...]:
     """The projections of the attention input x that the inference layout fuses into one kernel
-    (`linear.fuse_projections`, param `FUSED_INPUTS`), in order: the query's first projection and Wkv_a."""
+    (`linear.fuse_projections`, param `linear.FUSED_INPUTS`), in order: the query's first projection and Wkv_a."""
     return ("wq" if cfg.q_lora_rank is None else "wq_a", "wkv_a")
 
 

@@ -75,7 +75,7 @@ from v4jax.config import LAYER_TYPES, ModelConfig
 from v4jax.layers import cache_ops
 from v4jax.layers.compressor import Compressor, Indexer, empty_compressor_state, top_k_entries, v4_rope
 from v4jax.layers.dsa import index_scores, indexer_kl
-from v4jax.layers.linear import Projection, RMSNorm, fused_projection, rms_norm
+from v4jax.layers.linear import FUSED_INPUTS, Projection, RMSNorm, fused_projection, rms_norm
 from v4jax.layers.rope import apply_trailing_rope, rope_cos_sin
 
 Q_CHUNK = 256
@@ -106,12 +106,9 @@ def empty_v4_cache(cfg: ModelConfig, layer_type: str, batch: int, max_length: in
     return cache
 
 
-FUSED_INPUTS = "x_proj"  # the inference layout's fused kernel of the projections of x (`fused_inputs`)
-
-
 def fused_inputs(layer_type: str) -> tuple[str, ...]:
     """The projections of the attention input x that the inference layout fuses into one kernel
-    (`linear.fuse_projections`, param `FUSED_INPUTS`), as paths under the attention module, in order."""
+    (`linear.fuse_projections`, param `linear.FUSED_INPUTS`), as paths under the attention module, in order."""
     members = ("wq_a", "wkv")
     if layer_type != SLIDING:
         members += ("compressor/wkv", "compressor/wgate")

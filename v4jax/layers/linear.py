@@ -77,6 +77,9 @@ def merged_contraction(eqn: str, x: jax.Array, kernel: jax.Array) -> tuple[str, 
     return merged, x.reshape(*x.shape[:-n], -1), kernel.reshape(-1, *kernel.shape[n:])
 
 
+FUSED_INPUTS = "x_proj"  # the param name of an attention module's fused input projections (inference layout)
+
+
 def fuse_projections(tree: dict[str, Any], name: str, members: Sequence[str]) -> dict[str, Any]:
     """A module's params `tree` in the inference layout: the kernels of the Projections at `members` (paths
     under the module, e.g. 'wq_a', 'compressor/wkv'), which all read one input and contract its last axis
