@@ -127,3 +127,54 @@ def test_a_failed_build_quotes_the_compiler_and_leaves_no_library(tmp_path: path
     with pytest.raises(RuntimeError, match="building broken.cc with .* failed:\n.*error"):
         cpu_kernels.build(broken, tmp_path / "out")
     assert not list((tmp_path / "out").iterdir())
+
+
+def random_shared(seed, d=37, s=29):
+    """A shared expert's (sw1 [D, S], sw3 [D, S], sw2 [S, D]), float32, S unlike the routed M."""
+    rng = np.random.default_rng(seed)
+    sw1, sw3 = (rng.normal(size=(d, s)).astype(np.float32) / np.float32(np.sqrt(d)) for _ in range(2))
+    return sw1, sw3, rng.normal(size=(s, d)).astype(np.float32) / np.float32(np.sqrt(s))
+
+
+@needs_kernel
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("tokens", [1, 3, 11])
+def test_kernel_with_a_shared_expert_matches_a_float64_loop(split, tokens):
+    """The shared expert runs on every token as slot K of the output, the routed slots as without it."""
+    assert cpu_kernels.routed_experts_available()
+    x, expert, w1, w3, w2 = random_case(4, t=max(tokens, 3))
+    x, expert = x[:tokens], expert[:tokens]
+    shared = random_shared(5)
+    fn = jax.jit(cpu_kernels.routed_experts, static_argnums=(5, 6))
+    out = fn(x, expert, w1, w3, w2, 0.5, split, shared)
+    routed = np_rows(x, expert, w1, w3, w2, 0.5)
+    own = np_rows(x, np.zeros((tokens, 1), np.int32), *(w[None] for w in shared), 0.5)
+    assert out.shape == (tokens, expert.shape[1] + 1, x.shape[1])
+    np.testing.assert_allclose(out, np.concatenate([routed, own], axis=1), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_gather_dispatch_with_a_shared_expert_and_its_gradients():
+    """`gathered_experts(..., shared=...)` runs the shared kernel; values and gradients (of x, the routed and
+    the shared weights) equal the scans: the routed rows, and the shared expert as a stack of one."""
+    assert cpu_kernels.routed_experts_available()
+    x, expert, w1, w3, w2 = random_case(6, t=3)
+    shared = random_shared(7)
+    cot = np.random.default_rng(8).normal(size=(3, expert.shape[1] + 1, x.shape[1])).astype(np.float32)
+    hlo = jax.jit(lambda *a: md.gathered_experts(*a, shared=shared)).lower(x, expert, w1, w3, w2).as_text()
+    assert cpu_kernels.SHARED_TARGET in hlo
+
+    def ours(x, w1, w3, w2, *shared):
+        return jnp.sum(md.gathered_experts(x, expert, w1, w3, w2, limit=0.5, shared=shared) * cot)
+
+    def scans(x, w1, w3, w2, *shared):
+        routed = md.scanned_experts(x, expert, w1, w3, w2, limit=0.5)
+        own = md.scanned_experts(x, jnp.zeros((3, 1), jnp.int32), *(w[None] for w in shared), limit=0.5)
+        return jnp.sum(jnp.concatenate([routed, own], axis=1) * cot)
+
+    args, argnums = (x, w1, w3, w2, *shared), tuple(range(7))
+    value, grads = jax.jit(jax.value_and_grad(ours, argnums))(*args)
+    value_ref, grads_ref = jax.jit(jax.value_and_grad(scans, argnums))(*args)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ from flax import linen as nn
 
 from v4jax import presets
 from v4jax import sharding as shd
+from v4jax.kernels import cpu as cpu_kernels
 from v4jax.layers import moe_dispatch as md
 from v4jax.layers.moe import MoE, Router, check_hash_table, merge_duplicate_experts
 
@@ -482,13 +483,10 @@ def test_param_tree_and_dtypes(tiny_cfg):
     assert set(no_shared) == {"gate", "experts"}
 
 
-@pytest.mark.reference
-@pytest.mark.parametrize("impl", IMPLS)
-def test_moe_matches_transformers(impl, tiny_cfg):
-    from tests.reference import hf_v3_config, to_np, torch, transformers
+def hf_v3_moe(cfg, params):
+    """transformers' DeepseekV3MoE (float32, eager experts) holding `params`."""
+    from tests.reference import hf_v3_config, torch, transformers
 
-    cfg = no_drop(tiny_cfg).replace(moe_impl=impl)
-    module, params, x = init_moe(cfg, 8)
     hf_cfg = hf_v3_config(cfg)
     hf_cfg._experts_implementation = "eager"  # the per-expert loop of DeepseekV3Experts.forward
     ref = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE(hf_cfg).float()
@@ -506,7 +504,18 @@ def test_moe_matches_transformers(impl, tiny_cfg):
         ref.shared_experts.gate_proj.weight.copy_(t(sh["w1"]["kernel"].T))
         ref.shared_experts.up_proj.weight.copy_(t(sh["w3"]["kernel"].T))
         ref.shared_experts.down_proj.weight.copy_(t(sh["w2"]["kernel"].T))
-        expected = to_np(ref(t(x)))
+    return ref
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("impl", IMPLS)
+def test_moe_matches_transformers(impl, tiny_cfg):
+    from tests.reference import to_np, torch
+
+    cfg = no_drop(tiny_cfg).replace(moe_impl=impl)
+    module, params, x = init_moe(cfg, 8)
+    with torch.no_grad():
+        expected = to_np(hf_v3_moe(cfg, params)(torch.from_numpy(np.array(x))))
     y, _ = jax.jit(module.apply)({"params": params}, x)
     assert rel_err(y, expected) < 1e-5
 
@@ -777,3 +786,73 @@ def test_merge_duplicate_experts_keeps_the_weighted_sum():
     merged_idx, merged_w = jax.jit(merge_duplicate_experts, static_argnums=2)(indices, weights, 8)
     np.testing.assert_array_equal(merged_idx, [[3, 0, 1], [0, 1, 2], [2, 5, 7], [1, 0, 2]])
     np.testing.assert_array_equal(merged_w, [[3, 0, 3], [6, 0, 0], [1, 2, 3], [4, 2, 0]])
+
+
+# ----------------------------------------------------------------- the shared expert in the kernel's call
+needs_kernel = pytest.mark.skipif(
+    not md.cpu_kernel_applies(jnp.zeros(1)),
+    reason="the CPU kernel is not built (no C++ compiler, or V4JAX_CPU_KERNELS=0)",
+)
+
+
+def moe_case(version, b, t):
+    """(cfg with moe_impl 'auto', module, variables, x [B, T, D], token_ids or None, HF reference block)."""
+    if version == "v3":
+        cfg = presets.tiny().replace(moe_impl="auto")
+        module, params, x = init_moe(cfg, 30, b=b, t=t)
+        return cfg, module, {"params": params}, x, None, hf_v3_moe(cfg, params)
+    cfg = presets.tiny_v4().replace(moe_impl="auto")
+    module, variables, x, token_ids = init_v4_moe(cfg, False, 31, b=b, t=t)
+    return cfg, module, variables, x, token_ids, hf_v4_moe(cfg, variables)
+
+
+@pytest.mark.reference
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 2)])
+@pytest.mark.parametrize("version", ["v3", "v4"])
+def test_shared_expert_in_the_kernel_call_matches_transformers(version, shape):
+    """Up to KERNEL_SHARED_TOKENS tokens, 'auto' runs the shared expert in the routed experts' kernel call
+    (V4: with its clamp active): the block equals transformers', its gradients those of 'sorted' (the shared
+    MLP on its own)."""
+    from tests.reference import to_np, torch
+
+    cfg, module, variables, x, token_ids, ref = moe_case(version, *shape)
+    apply = jax.jit(module.apply)
+    assert cpu_kernels.SHARED_TARGET in apply.lower(variables, x, token_ids).as_text()
+    y, _ = apply(variables, x, token_ids)
+    with torch.no_grad():
+        expected = to_np(ref(torch.from_numpy(np.array(x))))
+    assert rel_err(y, expected) < 1e-5
+    if version == "v4":
+        indices = Router(cfg).apply({"params": variables["params"]["gate"]}, x).indices
+        assert clamp_activity(cfg, variables, x, indices)[1] > 0  # the shared expert's gate clamp
+
+    cot = jnp.asarray(np.random.default_rng(32).normal(size=x.shape), jnp.float32)
+
+    def loss(moe, params, x):
+        return jnp.sum(moe.apply({**variables, "params": params}, x, token_ids)[0] * cot)
+
+    separate = MoE(cfg.replace(moe_impl="sorted"))
+    assert cpu_kernels.SHARED_TARGET not in jax.jit(separate.apply).lower(variables, x, token_ids).as_text()
+    grads = jax.jit(jax.grad(functools.partial(loss, module), argnums=(0, 1)))(variables["params"], x)
+    expected_grads = jax.jit(jax.grad(functools.partial(loss, separate), argnums=(0, 1)))(variables["params"], x)
+    for (path, g), g_ref in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(expected_grads), strict=True):
+        assert rel_err(g, g_ref) < 1e-5, jax.tree_util.keystr(path)
+
+
+@needs_kernel
+def test_the_shared_expert_leaves_the_kernel_call_beyond_its_token_limit_or_under_a_mesh():
+    """5 tokens: the routed kernel without the shared expert; under a mesh, no shared expert in the call, and
+    asking for it is an error that says why."""
+    cfg = presets.tiny().replace(moe_impl="auto")
+    module, params, x = init_moe(cfg, 33, b=1, t=md.KERNEL_SHARED_TOKENS + 1)
+    hlo = jax.jit(module.apply).lower({"params": params}, x).as_text()
+    assert cpu_kernels.TARGET in hlo and cpu_kernels.SHARED_TARGET not in hlo
+    x, indices, weights, w1, w3, w2 = random_routing(34, 2, cfg)
+    shared = tuple(w[0] for w in (w1, w3, w2))
+    assert md.kernel_runs_shared(x, indices, w1, w3, w2, *shared, impl="auto")
+    assert not md.kernel_runs_shared(x, indices, w1, w3, w2, *shared, impl="sorted")
+    with shd.use_mesh(shd.make_mesh(devices=jax.devices()[:1]), "fsdp"):
+        assert not md.kernel_runs_shared(x, indices, w1, w3, w2, *shared, impl="auto")
+        with pytest.raises(ValueError, match="`shared` needs the CPU kernel's local 'gather' dispatch"):
+            md.routed_experts(x, indices, weights, w1, w3, w2, impl="auto", capacity_factor=None, shared=shared)

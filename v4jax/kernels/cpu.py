@@ -2,6 +2,8 @@
 
     routed_experts(x [T, D], expert [T, K], w1 [E, D, M], w3 [E, D, M], w2 [E, M, D], limit, split) -> [T, K, D]
         out[t, k] = swiglu(x[t] @ W1[e], x[t] @ W3[e], limit) @ W2[e],  e = expert[t, k]   (float32)
+    with shared=(sw1 [D, S], sw3 [D, S], sw2 [S, D]) -> [T, K + 1, D], the shared expert's FFN in slot K:
+        out[t, K] = swiglu(x[t] @ sw1, x[t] @ sw3, limit) @ sw2
 
 Why: XLA:CPU copies a dynamically sliced expert matrix out of the stacked weights before each
 matrix-vector product, so a decoding step's few-row expert FFNs move every chosen weight twice, at about
@@ -36,8 +38,11 @@ import jaxlib
 import numpy as np
 
 SOURCE = pathlib.Path(__file__).with_name("routed_experts_cpu.cc")
-TARGET = "v4jax_routed_experts_f32"  # the FFI target name
-SYMBOL = "V4jaxRoutedExpertsF32"  # the handler the library exports
+TARGETS = {  # FFI target name -> the handler the library exports
+    "v4jax_routed_experts_f32": "V4jaxRoutedExpertsF32",
+    "v4jax_routed_and_shared_experts_f32": "V4jaxRoutedAndSharedExpertsF32",
+}
+TARGET, SHARED_TARGET = TARGETS
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes", "-Wno-return-type")
 
 
@@ -90,7 +95,8 @@ def routed_experts_available() -> bool:
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(build(SOURCE, cache_dir())))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, SYMBOL)), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as err:
         warnings.warn(f"v4jax: CPU routed-experts kernel unavailable, using the XLA path: {err}", stacklevel=2)
         return False
@@ -117,10 +123,12 @@ def routed_experts(
     w2: jax.Array,
     limit: float | None,
     split: int | None = None,
+    shared: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """The kernel's out [T, K, D] float32 (module docstring); every input float32, ids outside [0, E) give zero
-    rows; `split` tasks per expert and phase (default `default_split`). CPU only, after
-    `routed_experts_available()`; no derivative of its own (callers wrap it)."""
+    """The kernel's out [T, K, D], or [T, K + 1, D] with a `shared` expert (module docstring); every input
+    float32, ids outside [0, E) give zero rows; `split` tasks per expert and phase (default `default_split`;
+    the shared expert's always by `default_split`). CPU only, after `routed_experts_available()`; no derivative
+    of its own (callers wrap it)."""
     t, k = expert.shape
     e, d, m = w1.shape
     split = default_split(d, m, t * k) if split is None else split
@@ -130,6 +138,15 @@ def routed_experts(
     chex.assert_shape([w1, w3], (e, d, m))
     chex.assert_shape(w2, (e, m, d))
     chex.assert_type([x, w1, w3, w2], jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((t, k, d), jnp.float32), vmap_method="sequential")
     limit = np.float32(np.inf if limit is None else limit)
-    return call(x, expert.astype(jnp.int32), w1, w3, w2, limit=limit, split=np.int64(split))
+    if shared is None:
+        call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((t, k, d), jnp.float32), vmap_method="sequential")
+        return call(x, expert.astype(jnp.int32), w1, w3, w2, limit=limit, split=np.int64(split))
+    sw1, sw3, sw2 = shared
+    s = sw1.shape[-1]
+    chex.assert_shape([sw1, sw3], (d, s))
+    chex.assert_shape(sw2, (s, d))
+    chex.assert_type([sw1, sw3, sw2], jnp.float32)
+    call = jax.ffi.ffi_call(SHARED_TARGET, jax.ShapeDtypeStruct((t, k + 1, d), jnp.float32), vmap_method="sequential")
+    splits = dict(split=np.int64(split), shared_split=np.int64(default_split(d, s, t)))
+    return call(x, expert.astype(jnp.int32), w1, w3, w2, sw1, sw3, sw2, limit=limit, **splits)

@@ -39,20 +39,24 @@ class Projection(nn.Module):
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
 
-    @nn.compact
-    def __call__(self, eqn: str, x: jax.Array, columns: tuple[int, int] | None = None) -> jax.Array:
-        """einsum(eqn, x, W); `columns=(a, b)` uses only W[..., a:b] (one part of a fused weight)."""
+    def setup(self):
         if len(self.shape) != len(self.axes):
             raise ValueError(f"{self.name}: shape {self.shape} and axes {self.axes} differ in rank")
-        kernel = self.param(
+        self.kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(normal_init(self.cfg.initializer_range), self.axes),
             self.shape,
             self.cfg.weight_dtype,
         )
-        if columns is not None:
-            kernel = kernel[..., columns[0] : columns[1]]
+
+    def __call__(self, eqn: str, x: jax.Array, columns: tuple[int, int] | None = None) -> jax.Array:
+        """einsum(eqn, x, W); `columns=(a, b)` uses only W[..., a:b] (one part of a fused weight)."""
+        kernel = self.kernel if columns is None else self.kernel[..., columns[0] : columns[1]]
         return project(eqn, x, kernel, self.cfg.compute_dtype)
+
+    def weight(self) -> jax.Array:
+        """W as the products use it (in the compute dtype), for a caller that runs its own kernel on it."""
+        return self.kernel.astype(self.cfg.compute_dtype)
 
 
 def project(eqn: str, x: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:

@@ -25,14 +25,23 @@ class MLP(nn.Module):
     hidden: int
     hidden_axis: str = shd.MLP
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def setup(self):
         d, f = self.cfg.hidden_size, self.hidden
-        chex.assert_axis_dimension(x, -1, d)
+        self.w1 = Projection(self.cfg, (d, f), (shd.EMBED, self.hidden_axis))
+        self.w3 = Projection(self.cfg, (d, f), (shd.EMBED, self.hidden_axis))
+        self.w2 = Projection(self.cfg, (f, d), (self.hidden_axis, shd.EMBED))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]."""
+        chex.assert_axis_dimension(x, -1, self.cfg.hidden_size)
         act_hidden = shd.ACT_MLP if self.hidden_axis == shd.MLP else None
-        gate = Projection(self.cfg, (d, f), (shd.EMBED, self.hidden_axis), name="w1")("BTD,DF->BTF", x)
-        up = Projection(self.cfg, (d, f), (shd.EMBED, self.hidden_axis), name="w3")("BTD,DF->BTF", x)
+        gate = self.w1("BTD,DF->BTF", x)
+        up = self.w3("BTD,DF->BTF", x)
         h = shd.constrain(swiglu(gate, up, self.cfg.swiglu_limit), (shd.ACT_BATCH, shd.ACT_LENGTH, act_hidden))
-        y = Projection(self.cfg, (f, d), (self.hidden_axis, shd.EMBED), name="w2")("BTF,FD->BTD", h)
+        y = self.w2("BTF,FD->BTD", h)
         chex.assert_equal_shape([x, y])
         return y
+
+    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(W1 [D, F], W3 [D, F], W2 [F, D]) in the compute dtype, for a kernel that runs this MLP itself."""
+        return self.w1.weight(), self.w3.weight(), self.w2.weight()

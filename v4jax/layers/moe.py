@@ -222,8 +222,9 @@ class Experts(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
-        """x [B, T, D], indices/weights [B, T, K] -> Σ_K weights · FFN_indices(x) [B, T, D] (compute)."""
+    def __call__(self, x: jax.Array, indices: jax.Array, weights: jax.Array, shared: MLP | None = None) -> jax.Array:
+        """x [B, T, D], indices/weights [B, T, K] -> Σ_K weights · FFN_indices(x) [B, T, D] (compute), plus
+        shared(x) when given: in the routed experts' CPU kernel call where `moe_dispatch.kernel_runs_shared`."""
         c = self.cfg
         b, t, d = x.shape
         e, m = c.n_routed_experts, c.moe_intermediate_size
@@ -236,9 +237,15 @@ class Experts(nn.Module):
         w1 = weight("w1", (e, d, m), (shd.EXPERTS, shd.EMBED, shd.EXPERT_MLP))
         w3 = weight("w3", (e, d, m), (shd.EXPERTS, shd.EMBED, shd.EXPERT_MLP))
         w2 = weight("w2", (e, m, d), (shd.EXPERTS, shd.EXPERT_MLP, shd.EMBED))
+        rows = x.astype(c.compute_dtype).reshape(b * t, d)  # [B·T, D]
+        flat_indices = indices.reshape(b * t, -1)  # [B·T, K]
+        shared_weights = () if shared is None else shared.weights()
+        fold = bool(shared_weights) and moe_dispatch.kernel_runs_shared(
+            rows, flat_indices, w1, w3, w2, *shared_weights, impl=c.moe_impl
+        )
         y = moe_dispatch.routed_experts(
-            x.astype(c.compute_dtype).reshape(b * t, d),  # [B·T, D]
-            indices.reshape(b * t, -1),  # [B·T, K]
+            rows,
+            flat_indices,
             weights.reshape(b * t, -1),
             w1,
             w3,
@@ -246,8 +253,10 @@ class Experts(nn.Module):
             impl=c.moe_impl,
             capacity_factor=c.capacity_factor,
             swiglu_limit=c.swiglu_limit,
+            shared=shared_weights if fold else None,
         )
-        return shd.constrain(y.reshape(b, t, d), (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_EMBED))
+        y = shd.constrain(y.reshape(b, t, d), (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_EMBED))
+        return y + shared(x) if shared is not None and not fold else y
 
 
 class MoE(nn.Module):
@@ -272,11 +281,11 @@ class MoE(nn.Module):
         indices, weights = route.indices, route.weights
         if self.hash_routed:
             indices, weights = merge_duplicate_experts(indices, weights, c.n_routed_experts)
-        with jax.named_scope("routed_experts"):
-            y = Experts(c, name="experts")(x, indices, weights)
+        shared = None
         if c.n_shared_experts:
             shared = MLP(c, c.shared_intermediate_size, hidden_axis=shd.EXPERT_MLP, name="shared_experts")
-            y = y + shared(x)
+        with jax.named_scope("routed_experts"):
+            y = Experts(c, name="experts")(x, indices, weights, shared)
         if self.hash_routed:
             balance_loss = jnp.zeros((), jnp.float32)
         else:

@@ -175,49 +175,76 @@ def capacity_experts(
     return rows.reshape(k, t, -1).transpose(1, 0, 2)  # [T, K, D]
 
 
-def cpu_kernel_applies(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> bool:
-    """Whether `gathered_experts` runs the native CPU kernel: on CPU, float32 operands, the kernel built."""
+def cpu_kernel_applies(*operands: jax.Array) -> bool:
+    """Whether `gathered_experts` runs the native CPU kernel on `operands` (x and the weights): on CPU, all
+    float32, the kernel built."""
     on_cpu = jax.default_backend() == "cpu"  # (a GPU host never builds the CPU kernel)
-    return on_cpu and all(a.dtype == jnp.float32 for a in (x, w1, w3, w2)) and cpu_kernels.routed_experts_available()
+    return on_cpu and all(a.dtype == jnp.float32 for a in operands) and cpu_kernels.routed_experts_available()
 
 
 def gathered_experts(
-    x: jax.Array, expert: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, *, limit: float | None = None
+    x: jax.Array,
+    expert: jax.Array,
+    w1: jax.Array,
+    w3: jax.Array,
+    w2: jax.Array,
+    *,
+    limit: float | None = None,
+    shared: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Dropless: out[t, k] = FFN_{expert[t, k]}(x[t]) as float32 [T, K, D], reading only the chosen experts'
-    weights instead of all E (decoding). Padding ids (outside [0, E)) give zero rows.
+    weights instead of all E (decoding). Padding ids (outside [0, E)) give zero rows. With `shared` =
+    (sw1 [D, S], sw3 [D, S], sw2 [S, D]), a shared expert's SwiGLU of every token as one more slot: [T, K + 1, D].
 
     Where `cpu_kernel_applies` this is the native kernel `v4jax.kernels.cpu.routed_experts` (XLA copies each
-    dynamically sliced expert before its product; the kernel reads each chosen expert once, in place),
-    differentiated as the XLA dispatch 'auto' would run without it; elsewhere, `scanned_experts`."""
-    if cpu_kernel_applies(x, w1, w3, w2):
+    dynamically sliced expert before its product; the kernel reads each chosen expert once, in place, and a
+    shared expert in the same call), differentiated as the XLA dispatch 'auto' would run without it;
+    elsewhere, that XLA dispatch."""
+    shared = () if shared is None else tuple(shared)
+    if cpu_kernel_applies(x, w1, w3, w2, *shared):
         return jax.lax.platform_dependent(
             x,
             expert,
             w1,
             w3,
             w2,
+            *shared,
             cpu=functools.partial(_kernel_experts, limit),
-            default=functools.partial(scanned_experts, limit=limit),
+            default=functools.partial(_xla_gathered_experts, limit),
         )
-    return scanned_experts(x, expert, w1, w3, w2, limit=limit)
+    return _xla_gathered_experts(limit, x, expert, w1, w3, w2, *shared)
+
+
+def _xla_gathered_experts(limit, x, expert, w1, w3, w2, *shared):
+    """`gathered_experts` without the kernel: the routed rows, and the shared expert as the only expert of a
+    stack of one, each by the dispatch 'auto' takes without the kernel (scan for T·K ≤ E, else 'sorted')."""
+
+    def xla(x, expert, w1, w3, w2):
+        impl = scanned_experts if expert.size <= w1.shape[0] else sorted_experts
+        return impl(x, expert, w1, w3, w2, limit=limit)
+
+    rows = xla(x, expert, w1, w3, w2)
+    if not shared:
+        return rows
+    sw1, sw3, sw2 = shared
+    own = xla(x, jnp.zeros((x.shape[0], 1), jnp.int32), sw1[None], sw3[None], sw2[None])  # [T, 1, D]
+    return jnp.concatenate([rows, own], axis=1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_experts(limit, x, expert, w1, w3, w2):
-    return cpu_kernels.routed_experts(x, expert, w1, w3, w2, limit)
+def _kernel_experts(limit, x, expert, w1, w3, w2, *shared):
+    return cpu_kernels.routed_experts(x, expert, w1, w3, w2, limit, shared=shared or None)
 
 
-def _kernel_experts_fwd(limit, x, expert, w1, w3, w2):
-    return _kernel_experts(limit, x, expert, w1, w3, w2), (x, expert, w1, w3, w2)
+def _kernel_experts_fwd(limit, x, expert, w1, w3, w2, *shared):
+    return _kernel_experts(limit, x, expert, w1, w3, w2, *shared), (x, expert, w1, w3, w2, *shared)
 
 
 def _kernel_experts_bwd(limit, residuals, cotangent):
-    x, expert, w1, w3, w2 = residuals
-    xla = scanned_experts if expert.size <= w1.shape[0] else sorted_experts  # resolve_impl without the kernel
-    _, pullback = jax.vjp(lambda *w: xla(w[0], expert, *w[1:], limit=limit), x, w1, w3, w2)
-    dx, d1, d3, d2 = pullback(cotangent)
-    return dx, None, d1, d3, d2
+    x, expert, w1, w3, w2, *shared = residuals
+    _, pullback = jax.vjp(lambda x, *w: _xla_gathered_experts(limit, x, expert, *w), x, w1, w3, w2, *shared)
+    dx, *dw = pullback(cotangent)
+    return dx, None, *dw
 
 
 _kernel_experts.defvjp(_kernel_experts_fwd, _kernel_experts_bwd)
@@ -487,6 +514,29 @@ def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def _unsharded() -> bool:
+    """Whether the dispatch runs locally: no mesh, or no logical axis rules."""
+    return jax.sharding.get_abstract_mesh().empty or not tuple(nn.get_logical_axis_rules())
+
+
+# The kernel takes a shared expert for at most this many tokens (its weights are then read once: the kernel's
+# row block). A/B of `generate` (benchmarks/README.md): small_v4 batch 1 8.84 -> 8.18 ms a step, small 6.00 ->
+# 5.79; at batch 16, 51.5 -> 57.0 (XLA's 16-row matmuls beat 4 passes over the shared weights).
+KERNEL_SHARED_TOKENS = 4
+
+
+def kernel_runs_shared(x: jax.Array, indices: jax.Array, *weights: jax.Array, impl: str) -> bool:
+    """Whether `routed_experts` takes a shared expert into its kernel call: unsharded, on the CPU kernel
+    (float32 x and `weights`: w1, w3, w2, then the shared sw1, sw3, sw2), `impl` resolving to 'gather' for
+    these rows, and at most KERNEL_SHARED_TOKENS tokens. Why: at batch 1 the shared MLP alone is too short
+    to wake a second thread; in the call that already streams the routed experts on both, it streams at
+    their rate."""
+    num_experts = weights[0].shape[0]
+    kernel = cpu_kernel_applies(x, *weights)
+    gather = resolve_impl(impl, indices.size, num_experts, kernel) == "gather"
+    return kernel and gather and x.shape[0] <= KERNEL_SHARED_TOKENS and _unsharded()
+
+
 def routed_experts(
     x: jax.Array,
     indices: jax.Array,
@@ -498,8 +548,11 @@ def routed_experts(
     impl: str,
     capacity_factor: float | None,
     swiglu_limit: float | None = None,
+    shared: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """Routed experts of T tokens, on the current mesh when there is one; shapes as `ragged_dispatch`.
+    `shared` = (sw1 [D, S], sw3 [D, S], sw2 [S, D]) adds a shared expert's SwiGLU of every token, computed in
+    the routed experts' kernel call; only where `kernel_runs_shared` (a ValueError elsewhere).
 
     Without a mesh (or without logical rules) this is the local dispatch. Under `sharding.use_mesh` it
     runs in `jax.shard_map`: tokens keep their ACT_BATCH sharding, weights their EXPERTS / EXPERT_MLP
@@ -508,12 +561,17 @@ def routed_experts(
     per shard to the rows it receives: X = ceil(factor · T_local·K / (E/ep)).
     """
     _check(x, indices, weights, w1, w3, w2)
+    if shared is not None:
+        if not kernel_runs_shared(x, indices, w1, w3, w2, *shared, impl=impl):
+            raise ValueError("routed_experts: `shared` needs the CPU kernel's local 'gather' dispatch")
+        rows = gathered_experts(x, indices, w1, w3, w2, limit=swiglu_limit, shared=shared)  # [T, K + 1, D]
+        return combine(rows, jnp.pad(weights, ((0, 0), (0, 1)), constant_values=1)).astype(x.dtype)
     kernel = cpu_kernel_applies(x, w1, w3, w2)
     local = _local_experts(resolve_impl(impl, indices.size, w1.shape[0], kernel), capacity_factor, swiglu_limit)
+    if _unsharded():
+        return combine(local(x, indices, w1, w3, w2, indices.size, x.shape[0]), weights).astype(x.dtype)
     mesh = jax.sharding.get_abstract_mesh()
     rule_pairs = tuple(nn.get_logical_axis_rules())
-    if mesh.empty or not rule_pairs:
-        return combine(local(x, indices, w1, w3, w2, indices.size, x.shape[0]), weights).astype(x.dtype)
 
     batch_axes = _axes(shd.logical_to_spec((shd.ACT_BATCH,), rule_pairs)[0])
     expert_axes = _axes(shd.logical_to_spec((shd.EXPERTS,), rule_pairs)[0])
