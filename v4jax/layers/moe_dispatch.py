@@ -19,7 +19,8 @@ Each of the T·K (token, slot) assignments is a *row*; an expert is SwiGLU over 
         out[t, k] = swiglu('D,DM->M'(x[t], W1[e]), 'D,DM->M'(x[t], W3[e])) @ W2[e],   e = expert[t, k]
         reads only the chosen experts' weights instead of all E. On CPU (float32) a native kernel reads
         each chosen expert once, in place, for all its rows (`v4jax.kernels.cpu`), and 'auto' takes it up to
-        T·K ≤ KERNEL_ROWS_PER_EXPERT · E; elsewhere it is an XLA scan over rows, which 'auto' takes for T·K ≤ E
+        T·K ≤ KERNEL_ROWS_PER_EXPERT · E (up to KERNEL_SHARED_TOKENS tokens with the MoE's shared expert in
+        the same call); elsewhere it is an XLA scan over rows, which 'auto' takes for T·K ≤ E
     capacity (drops over-capacity rows): rows gathered into a padded buffer buf[E, X, D]
         h    = silu('EXD,EDM->EXM' with W1) ⊙ ('EXD,EDM->EXM' with W3)
         out  = 'EXM,EMD->EXD' with W2
@@ -563,7 +564,11 @@ def routed_experts(
     _check(x, indices, weights, w1, w3, w2)
     if shared is not None:
         if not kernel_runs_shared(x, indices, w1, w3, w2, *shared, impl=impl):
-            raise ValueError("routed_experts: `shared` needs the CPU kernel's local 'gather' dispatch")
+            raise ValueError(
+                "routed_experts: a `shared` expert runs only in the CPU kernel's call (unsharded, float32, impl "
+                f"resolving to 'gather', at most {KERNEL_SHARED_TOKENS} tokens; got impl={impl!r}, {x.shape[0]} "
+                f"tokens of {x.dtype}): ask kernel_runs_shared first"
+            )
         rows = gathered_experts(x, indices, w1, w3, w2, limit=swiglu_limit, shared=shared)  # [T, K + 1, D]
         return combine(rows, jnp.pad(weights, ((0, 0), (0, 1)), constant_values=1)).astype(x.dtype)
     kernel = cpu_kernel_applies(x, w1, w3, w2)
