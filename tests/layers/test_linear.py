@@ -1,5 +1,5 @@
 """The inference layout's fused projections (`linear.fuse_projections` / `fused_projection`) against the
-separate products, checked in float64 NumPy."""
+separate products, and `project`'s few-row products one row at a time, checked in float64 NumPy."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from flax import linen as nn
 
 from v4jax import presets
+from v4jax.layers import linear
 from v4jax.layers.linear import Projection, fuse_projections, fused_projection
 
 CFG = presets.get("tiny").replace(dtype="float32", param_dtype="float32")
@@ -96,3 +97,28 @@ def test_decoding_steps_refuse_the_training_layout():
     params = {**params, model.unstacked_name(0): {**layer, "attn": attn}}
     with pytest.raises(ValueError, match="no fused kernel 'x_proj'"):
         engine.extend(cfg, params, engine.new_cache(cfg, 1, 8), np.zeros((1, 2), np.int32))
+
+
+@pytest.mark.parametrize(
+    ("eqn", "x_shape", "w_shape", "row_dots"),
+    [
+        ("BTD,DQ->BTQ", (1, 2, 6), (6, 5), 2),  # two rows: one matrix-vector product each
+        ("BTD,DQ->BTQ", (2, 1, 6), (6, 5), 2),
+        ("BTNH,NHC->BTNC", (1, 2, 3, 4), (3, 4, 5), 2),  # a batch axis N shared with the kernel
+        ("BTNA,NAD->BTD", (2, 1, 3, 4), (3, 4, 6), 2),  # two contracted axes, merged into one
+        ("BTD,DQ->BTQ", (1, 3, 6), (6, 5), 1),  # more rows than ROWS_AS_VECTORS: one product
+        ("OBTH,OHA->OBTA", (3, 1, 2, 4), (3, 4, 5), 1),  # rows that do not lead: one product
+    ],
+)
+def test_project_runs_few_rows_one_at_a_time_with_the_same_values_and_gradients(eqn, x_shape, w_shape, row_dots):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=x_shape).astype(np.float32)
+    w = rng.normal(size=w_shape).astype(np.float32)
+    fn = jax.jit(lambda x, w: linear.project(eqn, x, w, jnp.float32))
+    assert fn.lower(x, w).as_text().count("dot_general") == row_dots
+    np.testing.assert_allclose(fn(x, w), np.einsum(eqn, x.astype(np.float64), w), rtol=1e-5, atol=1e-6)
+    cot = rng.normal(size=np.einsum(eqn, x, w).shape).astype(np.float32)
+    grads = jax.grad(lambda x, w: jnp.sum(fn(x, w) * cot), argnums=(0, 1))(x, w)
+    expected = jax.grad(lambda x, w: jnp.sum(jnp.einsum(eqn, x, w, precision="highest") * cot), argnums=(0, 1))(x, w)
+    for g, g_ref in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)

@@ -58,7 +58,7 @@ from flax import linen as nn
 
 from v4jax import sharding as shd
 from v4jax.config import ModelConfig
-from v4jax.layers.linear import normal_init, rms_norm
+from v4jax.layers.linear import by_rows, normal_init, rms_norm
 
 HIGHEST = jax.lax.Precision.HIGHEST
 STREAM_AXES = (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_STREAMS, shd.ACT_EMBED)
@@ -103,10 +103,14 @@ def stream_mixes(streams: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
     """μ = RMSNorm_u(flat X) · fnᵀ in float32: streams [B, T, R, D], fn [Y, R·D] -> [B, T, Y]."""
     b, t, r, d = streams.shape
     flat = rms_norm(streams.reshape(b, t, r * d), None, eps)  # [B, T, R·D] float32
+
     # one contracting axis (over (R, D) as two, XLA:CPU copied fn transposed on every call), and fn as the left
     # operand of a row-major product: as the right one, XLA copied it transposed in every step of a decode loop
-    mixes = jax.lax.dot_general(fn.astype(jnp.float32), flat, (((1,), (2,)), ((), ())), precision=HIGHEST)  # [Y, B, T]
-    return jnp.moveaxis(mixes, 0, -1)
+    def product(rows: jax.Array) -> jax.Array:  # [B, T, R·D] -> [B, T, Y]
+        mixes = jax.lax.dot_general(fn.astype(jnp.float32), rows, (((1,), (2,)), ((), ())), precision=HIGHEST)
+        return jnp.moveaxis(mixes, 0, -1)
+
+    return by_rows(product, flat, 2)
 
 
 def site_coefficients(

@@ -28,6 +28,7 @@ auxiliary loss from the learned `DeepseekV4TopKRouter` layers only).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import chex
@@ -39,7 +40,7 @@ from flax import linen as nn
 from v4jax import sharding as shd
 from v4jax.config import ModelConfig
 from v4jax.layers import moe_dispatch
-from v4jax.layers.linear import normal_init
+from v4jax.layers.linear import by_rows, normal_init
 from v4jax.layers.mlp import MLP
 
 CONSTANTS = "constants"  # non-trainable variables that are part of a checkpoint (the hash table tid2eid)
@@ -167,7 +168,8 @@ class Router(nn.Module):
             c.weight_dtype,
         )
         f32, highest = jnp.float32, jax.lax.Precision.HIGHEST
-        logits = jnp.einsum("BTD,DE->BTE", x.astype(f32), kernel.astype(f32), precision=highest)
+        router = functools.partial(jnp.einsum, "BTD,DE->BTE", precision=highest)
+        logits = by_rows(lambda rows: router(rows, kernel.astype(f32)), x.astype(f32), 2)
         logits = shd.constrain(logits, (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_EXPERTS))
         scores = affinity(logits, c.scoring_func)
         if self.hash_routed:
