@@ -10,6 +10,7 @@
 
 Decoding's inference layout fuses the projections that read one input into one kernel
 (`fuse_projections`), applied by `fused_projection`: x·[W_1 | W_2 | ...] in one product, split after.
+On CPU a product of 2 rows runs as one matrix-vector product per row (`by_rows`).
 """
 
 from __future__ import annotations

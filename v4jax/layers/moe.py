@@ -28,7 +28,6 @@ auxiliary loss from the learned `DeepseekV4TopKRouter` layers only).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import chex
@@ -168,8 +167,8 @@ class Router(nn.Module):
             c.weight_dtype,
         )
         f32, highest = jnp.float32, jax.lax.Precision.HIGHEST
-        router = functools.partial(jnp.einsum, "BTD,DE->BTE", precision=highest)
-        logits = by_rows(lambda rows: router(rows, kernel.astype(f32)), x.astype(f32), 2)
+        kernel = kernel.astype(f32)
+        logits = by_rows(lambda rows: jnp.einsum("BTD,DE->BTE", rows, kernel, precision=highest), x.astype(f32), 2)
         logits = shd.constrain(logits, (shd.ACT_BATCH, shd.ACT_LENGTH, shd.ACT_EXPERTS))
         scores = affinity(logits, c.scoring_func)
         if self.hash_routed:
