@@ -796,20 +796,21 @@ needs_kernel = pytest.mark.skipif(
 
 
 def moe_case(version, b, t):
-    """(cfg with moe_impl 'auto', module, variables, x [B, T, D], token_ids or None, HF reference block)."""
+    """(cfg with moe_impl 'auto', module, variables, x [B, T, D], token_ids or None, HF reference block) of a
+    V3 block, a learned V4 block or a hash-routed V4 block."""
     if version == "v3":
         cfg = presets.tiny().replace(moe_impl="auto")
         module, params, x = init_moe(cfg, 30, b=b, t=t)
         return cfg, module, {"params": params}, x, None, hf_v3_moe(cfg, params)
     cfg = presets.tiny_v4().replace(moe_impl="auto")
-    module, variables, x, token_ids = init_v4_moe(cfg, False, 31, b=b, t=t)
+    module, variables, x, token_ids = init_v4_moe(cfg, version == "v4_hash", 31, b=b, t=t)
     return cfg, module, variables, x, token_ids, hf_v4_moe(cfg, variables)
 
 
 @pytest.mark.reference
 @needs_kernel
 @pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 2)])
-@pytest.mark.parametrize("version", ["v3", "v4"])
+@pytest.mark.parametrize("version", ["v3", "v4", "v4_hash"])
 def test_shared_expert_in_the_kernel_call_matches_transformers(version, shape):
     """Up to KERNEL_SHARED_TOKENS tokens, 'auto' runs the shared expert in the routed experts' kernel call
     (V4: with its clamp active): the block equals transformers', its gradients those of 'sorted' (the shared
@@ -821,10 +822,13 @@ def test_shared_expert_in_the_kernel_call_matches_transformers(version, shape):
     assert cpu_kernels.SHARED_TARGET in apply.lower(variables, x, token_ids).as_text()
     y, _ = apply(variables, x, token_ids)
     with torch.no_grad():
-        expected = to_np(ref(torch.from_numpy(np.array(x))))
+        x_t = torch.from_numpy(np.array(x))
+        ids = torch.from_numpy(np.asarray(token_ids, np.int64)) if module.hash_routed else None
+        expected = to_np(ref(x_t) if version == "v3" else ref(x_t, ids))
     assert rel_err(y, expected) < 1e-5
-    if version == "v4":
-        indices = Router(cfg).apply({"params": variables["params"]["gate"]}, x).indices
+    if version != "v3":
+        gate = {collection: tree["gate"] for collection, tree in variables.items()}
+        indices = Router(cfg, module.hash_routed).apply(gate, x, token_ids).indices
         assert clamp_activity(cfg, variables, x, indices)[1] > 0  # the shared expert's gate clamp
 
     cot = jnp.asarray(np.random.default_rng(32).normal(size=x.shape), jnp.float32)
@@ -832,7 +836,7 @@ def test_shared_expert_in_the_kernel_call_matches_transformers(version, shape):
     def loss(moe, params, x):
         return jnp.sum(moe.apply({**variables, "params": params}, x, token_ids)[0] * cot)
 
-    separate = MoE(cfg.replace(moe_impl="sorted"))
+    separate = MoE(cfg.replace(moe_impl="sorted"), module.hash_routed)
     assert cpu_kernels.SHARED_TARGET not in jax.jit(separate.apply).lower(variables, x, token_ids).as_text()
     grads = jax.jit(jax.grad(functools.partial(loss, module), argnums=(0, 1)))(variables["params"], x)
     expected_grads = jax.jit(jax.grad(functools.partial(loss, separate), argnums=(0, 1)))(variables["params"], x)
