@@ -197,9 +197,9 @@ class DecoderLayer(nn.Module):
         streams: jax.Array,
         positions: jax.Array,
         token_ids: jax.Array | None,
+        engram_rows: dict[str, jax.Array] | None = None,
         cache: dict[str, Any] | None = None,
         count: jax.Array | None = None,
-        engram_rows: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, Any]:
         """streams [B,T,R,D], positions [B,T], token_ids [B,T] (hash-routed and Engram layers) -> (streams, aux).
 
@@ -250,13 +250,11 @@ class LayerPeriod(nn.Module):
     period: tuple[LayerKind, ...]
 
     @nn.compact
-    def __call__(self, streams, positions, token_ids, caches: tuple[Any, ...] | None = None, count=None, rows=None):
-        """As `DecoderLayer`, with one cache per layer of the period (a tuple) and a tuple of outputs."""
+    def __call__(self, streams, positions, token_ids, engram_rows=None):
+        """As `DecoderLayer` without a cache, with a tuple of the layers' aux."""
         outs = []
         for j, kind in enumerate(self.period):
-            cache = None if caches is None else caches[j]
-            layer = DecoderLayer(self.cfg, kind, name=f"layer_{j}")
-            streams, out = layer(streams, positions, token_ids, cache, count, rows)
+            streams, out = DecoderLayer(self.cfg, kind, name=f"layer_{j}")(streams, positions, token_ids, engram_rows)
             outs.append(out)
         return streams, tuple(outs)
 
@@ -273,8 +271,7 @@ def scanned_group(cfg: ModelConfig, group: LayerGroup) -> nn.Module:
         block,
         variable_axes={"params": 0, CONSTANTS: 0, INTERMEDIATES: 0},
         split_rngs={"params": True},
-        # positions, token_ids, cache, count, engram_rows
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),  # positions, token_ids, engram_rows
         length=group.repeats,
         metadata_params={nn.PARTITION_NAME: shd.LAYERS},
     )
@@ -334,7 +331,7 @@ class MTPModule(nn.Module):
             eh = jnp.concatenate([e, HyperHead(c, name="h_head")(h)], axis=-1)  # [B, T, 2D]
             x = Projection(c, (2 * d, d), (shd.EMBED_CONCAT, shd.EMBED), name="eh_proj")("BTE,ED->BTD", eh)
             x = expand_streams(x, c)
-        x, aux = DecoderLayer(c, mtp_layer_kind(c), name="block")(x, positions, token_ids, cache, count)
+        x, aux = DecoderLayer(c, mtp_layer_kind(c), name="block")(x, positions, token_ids, cache=cache, count=count)
         return x, RMSNorm(c, d, name="norm")(HyperHead(c, name="hc_head")(x)), aux
 
 
@@ -373,7 +370,7 @@ class Transformer(nn.Module):
         chex.assert_shape(positions, embeds.shape[:2])
         streams, outputs = expand_streams(embeds, c), []
         for layer in self.layers:
-            streams, out = layer(streams, positions, token_ids, None, None, engram_rows)
+            streams, out = layer(streams, positions, token_ids, engram_rows)
             outputs.append(out)
         return streams, _per_layer_aux(self.groups, outputs)
 
@@ -394,7 +391,7 @@ class Transformer(nn.Module):
         streams, cache = expand_streams(embeds, c), dict(cache)
         for index, layer in enumerate(self.unstacked):
             name = unstacked_name(index)
-            streams, cache[name] = layer(streams, positions, token_ids, cache[name], count)
+            streams, cache[name] = layer(streams, positions, token_ids, cache=cache[name], count=count)
         return streams, cache
 
     def draft(
