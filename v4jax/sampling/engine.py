@@ -95,8 +95,13 @@ COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 # ... and of the generation loops, whose products have a few rows: also without XLA:CPU's YNNPACK dot fusions,
 # which cost more than they save there (A/B of `generate`: `small` 7.61 → 7.15 ms a step at batch 1, 46.7 →
 # 45.0 at 16; `small_v4` 7.64 → 7.59 and 48.9 → 46.6) but not in a prefill of many tokens (`small_v4`, 512
-# tokens: 631 ms with them, 715 ms without)
-LOOP_COMPILER_OPTIONS = COMPILER_OPTIONS | {"xla_cpu_experimental_ynn_fusion_type": ""}
+# tokens: 631 ms with them, 715 ms without), and with single-threaded Eigen, whose thread hand-offs cost more
+# than they save on few-row matrix products (A/B: `small_v4` 6.95 → 6.86 ms at batch 1, 46.1 → 44.8 at 16;
+# `small` 5.77 → 5.66 and 37.9 → 38.6; tiny_v4 0.157 → 0.144, its speculative pass 0.28 → 0.25)
+LOOP_COMPILER_OPTIONS = COMPILER_OPTIONS | {
+    "xla_cpu_experimental_ynn_fusion_type": "",
+    "xla_cpu_multi_thread_eigen": False,
+}
 
 _extend = jax.jit(
     advance, static_argnames=("cfg", "last_only"), donate_argnames=("cache",), compiler_options=COMPILER_OPTIONS
