@@ -193,7 +193,7 @@ void Execute(const std::shared_ptr<Work>& work, ffi::ThreadPool& pool, float* ou
   work->partial.resize(work->partial_size);
   work->gate_up_done.reset(new std::atomic<int64_t>[work->groups.size()]);
   for (size_t g = 0; g < work->groups.size(); ++g) work->gate_up_done[g].store(0);
-  std::fill(out, out + rows * d, 0.0f);
+  if (static_cast<int64_t>(work->order.size()) < rows) std::fill(out, out + rows * d, 0.0f);  // padding rows
   if (total == 0) return;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), total) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
@@ -217,11 +217,9 @@ bool SameShape(ffi::Span<const int64_t> a, std::initializer_list<int64_t> b) {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
 }
 
-// The routed rows of out [T, slots, D] (slot k < K of token t runs expert[t, k]) grouped by expert into
-// `work`, after checking the shapes; `slots` is K, or K + 1 when the last slot holds the shared expert.
-ffi::Error AddRoutedGroups(Work& work, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S32>& expert,
-                           ffi::Buffer<ffi::F32>& w1, ffi::Buffer<ffi::F32>& w3, ffi::Buffer<ffi::F32>& w2,
-                           int64_t split) {
+// Whether the routed operands have the shapes both handlers need, and `split` fits them.
+ffi::Error CheckRouted(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S32>& expert, ffi::Buffer<ffi::F32>& w1,
+                       ffi::Buffer<ffi::F32>& w3, ffi::Buffer<ffi::F32>& w2, int64_t split) {
   const auto xd = x.dimensions(), ed = expert.dimensions(), wd = w1.dimensions();
   if (xd.size() != 2 || ed.size() != 2 || wd.size() != 3 || ed[0] != xd[0] || wd[1] != xd[1] ||
       !SameShape(w3.dimensions(), {wd[0], wd[1], wd[2]}) || !SameShape(w2.dimensions(), {wd[0], wd[2], wd[1]})) {
@@ -230,6 +228,14 @@ ffi::Error AddRoutedGroups(Work& work, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi
   }
   if (split < 1 || split > std::min(wd[1], wd[2]))
     return ffi::Error::InvalidArgument("routed_experts: split must lie in [1, min(D, M)]");
+  return ffi::Error::Success();
+}
+
+// The routed rows of out [T, slots, D] (slot k < K of token t runs expert[t, k]) grouped by expert into
+// `work` (operands checked by `CheckRouted`); `slots` is K, or K + 1 when the last slot holds the shared one.
+void AddRoutedGroups(Work& work, ffi::Buffer<ffi::S32>& expert, ffi::Buffer<ffi::F32>& w1,
+                     ffi::Buffer<ffi::F32>& w3, ffi::Buffer<ffi::F32>& w2, int64_t split) {
+  const auto ed = expert.dimensions(), wd = w1.dimensions();
   const int64_t t = ed[0], k = ed[1], num_experts = wd[0], d = wd[1], m = wd[2];
   const int32_t* ids = expert.typed_data();
   std::vector<int64_t> start(num_experts + 1, 0);  // counting sort of the valid rows by expert
@@ -246,7 +252,6 @@ ffi::Error AddRoutedGroups(Work& work, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi
     work.AddGroup(w1.typed_data() + e * d * m, w3.typed_data() + e * d * m, w2.typed_data() + e * m * d, m, split,
                   first + start[e], first + start[e + 1]);
   }
-  return ffi::Error::Success();
 }
 
 std::shared_ptr<Work> NewWork(ffi::Buffer<ffi::F32>& x, int64_t slots, float limit) {
@@ -261,11 +266,10 @@ std::shared_ptr<Work> NewWork(ffi::Buffer<ffi::F32>& x, int64_t slots, float lim
 ffi::Error RoutedExperts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> expert,
                          ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> w3, ffi::Buffer<ffi::F32> w2,
                          ffi::ResultBuffer<ffi::F32> out, float limit, int64_t split) {
-  if (x.dimensions().size() != 2 || expert.dimensions().size() != 2)
-    return ffi::Error::InvalidArgument("routed_experts: expected x [T, D], expert [T, K]");
+  if (auto err = CheckRouted(x, expert, w1, w3, w2, split); err.failure()) return err;
   const int64_t slots = expert.dimensions()[1];
   auto work = NewWork(x, slots, limit);
-  if (auto err = AddRoutedGroups(*work, x, expert, w1, w3, w2, split); err.failure()) return err;
+  AddRoutedGroups(*work, expert, w1, w3, w2, split);
   Execute(work, pool, out->typed_data(), x.dimensions()[0] * slots);
   return ffi::Error::Success();
 }
@@ -278,8 +282,7 @@ ffi::Error RoutedAndSharedExperts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                   ffi::Buffer<ffi::F32> sw1, ffi::Buffer<ffi::F32> sw3, ffi::Buffer<ffi::F32> sw2,
                                   ffi::ResultBuffer<ffi::F32> out, float limit, int64_t split,
                                   int64_t shared_split) {
-  if (x.dimensions().size() != 2 || expert.dimensions().size() != 2)
-    return ffi::Error::InvalidArgument("routed_experts: expected x [T, D], expert [T, K]");
+  if (auto err = CheckRouted(x, expert, w1, w3, w2, split); err.failure()) return err;
   const int64_t t = x.dimensions()[0], d = x.dimensions()[1], slots = expert.dimensions()[1] + 1;
   const auto sd = sw1.dimensions();
   if (sd.size() != 2 || sd[0] != d || !SameShape(sw3.dimensions(), {d, sd[1]}) ||
@@ -292,7 +295,7 @@ ffi::Error RoutedAndSharedExperts(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   work->order.resize(t);  // the shared group first: its rows are every token's last slot
   for (int64_t i = 0; i < t; ++i) work->order[i] = i * slots + slots - 1;
   if (t) work->AddGroup(sw1.typed_data(), sw3.typed_data(), sw2.typed_data(), sd[1], shared_split, 0, t);
-  if (auto err = AddRoutedGroups(*work, x, expert, w1, w3, w2, split); err.failure()) return err;
+  AddRoutedGroups(*work, expert, w1, w3, w2, split);
   Execute(work, pool, out->typed_data(), t * slots);
   return ffi::Error::Success();
 }
